@@ -1,0 +1,224 @@
+"""The ``memplan`` command: thin wiring over the library. One ``_add_<cmd>`` / ``_run_<cmd>`` pair per
+subcommand. Bad input exits 2 with one line on stderr; ``fit`` exits 1 when nothing fits."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import textwrap
+from collections.abc import Sequence
+
+from .errors import MemplanError
+
+__all__ = ["main", "build_parser"]
+
+# Setup knobs shared by estimate and fit: (flag, TrainSetup field, argparse kwargs).
+_KNOBS: list[tuple[str, str, dict]] = [
+    ("--method", "method", dict(choices=["lora", "qlora", "full"], help="lora (default), qlora (= 4-bit), full")),
+    ("--bits", "bits", dict(type=int, choices=[4, 8, 16, 32],
+                            help="storage of the frozen base weights (default: 16 for lora, 4 for qlora)")),
+    ("--quant", "quant_type", dict(choices=["nf4", "fp4"], help="4-bit data type (default nf4)")),
+    ("--double-quant", "double_quant", dict(action=argparse.BooleanOptionalAction,
+                                            help="quantize the 4-bit quantization constants (default on)")),
+    ("--dtype", "dtype", dict(choices=["fp16", "bf16", "fp32"],
+                              help="compute dtype (default bf16 where the card supports it, else fp16)")),
+    ("--rank", "rank", dict(type=int, help="LoRA rank r (default 8)")),
+    ("--alpha", "alpha", dict(type=int, help="LoRA alpha (no effect on memory; default 2r)")),
+    ("--targets", "targets", dict(help="LoRA target modules: q_proj,v_proj | all-linear | a regex "
+                                       "(default: peft's default for the architecture)")),
+    ("--lora-dropout", "lora_dropout", dict(type=float, help="LoRA dropout (default 0.05)")),
+    ("--adapter-dtype", "adapter_dtype", dict(choices=["fp32", "bf16", "fp16"],
+                                              help="dtype of the LoRA weights (default fp32, as peft)")),
+    ("--optimizer", "optimizer", dict(help="HF TrainingArguments.optim name: adamw_torch (default), "
+                                           "adamw_bnb_8bit, paged_adamw_8bit, paged_adamw_32bit, sgd, "
+                                           "sgd_momentum, rmsprop, adafactor, ...")),
+    ("--batch-size", "batch_size", dict(type=int, help="micro-batch size per step (default 1)")),
+    ("--seq-len", "seq_len", dict(type=int, help="tokens per sequence (default 512)")),
+    ("--grad-ckpt", "grad_ckpt", dict(action=argparse.BooleanOptionalAction,
+                                      help="gradient checkpointing (default off)")),
+    ("--attn", "attn", dict(choices=["auto", "eager", "sdpa", "flash_attention_2"],
+                            help="attention implementation (default auto: sdpa where supported)")),
+    ("--upcast", "upcast_non_quantized", dict(action=argparse.BooleanOptionalAction,
+                                              help="prepare_model_for_kbit_training's fp32 upcast of the "
+                                                   "non-quantized weights (default on at 4/8 bits)")),
+]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line and exit code 2."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        self.exit(2, f"memplan {self.prog.split()[-1]}: error: {message} (see --help)\n")
+
+
+def _add_knobs(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training setup")
+    for flag, dest, kw in _KNOBS:
+        g.add_argument(flag, dest=dest, default=None, **kw)
+    p.add_argument("--profiles", metavar="DIR", help="catalog folder (default: MEMPLAN_PROFILES or the bundled one)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+
+
+def _setup_from_args(args: argparse.Namespace):
+    """A ``TrainSetup`` from the flags, and the set of fields the user gave (pinned)."""
+    from .setups import TrainSetup
+
+    given = {dest: getattr(args, dest) for _, dest, _ in _KNOBS if getattr(args, dest) is not None}
+    return TrainSetup(model=args.model, gpu=getattr(args, "gpu", None), **given), frozenset(given)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="memplan",
+        description="Plan GPU memory for LoRA / QLoRA / full fine-tuning before anything is loaded.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=textwrap.dedent("""\
+            examples:
+              memplan fit opt-13b --gpu 3090
+              memplan fit llama-2-7b --gpu 3060 --seq-len 2048 --bits 4
+              memplan estimate opt-13b --rank 16 --targets q_proj,v_proj --batch-size 4 --json
+              memplan models
+              memplan gpus
+            """),
+    )
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+
+    p = sub.add_parser("estimate", help="peak memory breakdown of one exact setup")
+    p.add_argument("model", help="catalog name (memplan models), config.json path or local model folder")
+    p.add_argument("--gpu", help="card for the CUDA context and dtype defaults (memplan gpus)")
+    _add_knobs(p)
+    p.add_argument("--phases", action="store_true", help="also show the total of every phase")
+    p.set_defaults(func=_run_estimate)
+
+    p = sub.add_parser("fit", help="the best bits / rank / batch / checkpointing / optimizer that fit a card",
+                       description="Search bits x rank x targets x checkpointing x optimizer x batch size; "
+                                   "any setup flag pins that knob.")
+    p.add_argument("model", help="catalog name (memplan models), config.json path or local model folder")
+    p.add_argument("--gpu", required=True, help="catalog card or alias (3090, a100-80g ...), or a size (24GiB)")
+    p.add_argument("--headroom", type=float, default=None,
+                   help="fraction of the card's memory kept free (default 0.05)")
+    p.add_argument("--max-batch", type=int, default=64, help="largest micro-batch to consider (default 64)")
+    _add_knobs(p)
+    p.set_defaults(func=_run_fit)
+
+    p = sub.add_parser("models", help="list the model catalog")
+    p.add_argument("--profiles", metavar="DIR")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_run_models)
+
+    p = sub.add_parser("gpus", help="list the GPU catalog")
+    p.add_argument("--profiles", metavar="DIR")
+    p.add_argument("--headroom", type=float, default=None, help="headroom used for the usable column")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_run_gpus)
+    return parser
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(highlight=False)
+
+
+def _print_json(obj) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2) + "\n")
+
+
+def _run_estimate(args) -> int:
+    from .estimate import estimate
+
+    setup, _ = _setup_from_args(args)
+    e = estimate(setup, profiles_dir=args.profiles)
+    if args.json:
+        _print_json(e.to_dict())
+        return 0
+    from .render import estimate_view
+
+    console = _console()
+    console.print(estimate_view(e))
+    if args.phases:
+        from .units import format_gib
+
+        for phase, comps in e.phases.items():
+            console.print(f"  {phase:<15} {format_gib(sum(comps.values()), 2)}")
+    return 0
+
+
+def _run_fit(args) -> int:
+    from .fit import fit
+
+    setup, pinned = _setup_from_args(args)
+    result = fit(setup, args.gpu, headroom=args.headroom, pinned=pinned, max_batch=args.max_batch,
+                 profiles_dir=args.profiles)
+    if args.json:
+        _print_json(result.to_dict())
+    else:
+        from .render import fit_view
+
+        _console().print(fit_view(result))
+    return 0 if result.recommended is not None else 1
+
+
+def _run_models(args) -> int:
+    from .models import list_models
+
+    models = list_models(profiles_dir=args.profiles)
+    if args.json:
+        _print_json([{"id": m.id, "hf_id": m.hf_id, "aliases": list(m.aliases), "family": m.family,
+                      "params": m.exact_params, "source": m.source} for m in models])
+        return 0
+    from rich.table import Table
+
+    t = Table(box=None, pad_edge=False)
+    for col in ("id", "family", "params", "hf id", "aliases"):
+        t.add_column(col, justify="right" if col == "params" else "left")
+    for m in sorted(models, key=lambda m: (m.family, m.exact_params)):
+        t.add_row(m.id, m.family, f"{m.exact_params / 1e9:.2f}B", m.hf_id or "", ", ".join(m.aliases))
+    _console().print(t)
+    return 0
+
+
+def _run_gpus(args) -> int:
+    from .gpus import DEFAULT_HEADROOM, list_gpus
+
+    headroom = DEFAULT_HEADROOM if args.headroom is None else args.headroom
+    gpus = list_gpus(profiles_dir=args.profiles)
+    if args.json:
+        _print_json([{"id": g.id, "name": g.name, "aliases": list(g.aliases), "total_bytes": g.total_bytes,
+                      "usable_bytes": g.usable_bytes(headroom), "cuda_context_bytes": g.cuda_context_bytes,
+                      "compute_capability": g.compute_capability, "bf16": g.bf16, "family": g.family,
+                      "source": g.source} for g in gpus])
+        return 0
+    from rich.table import Table
+
+    from .units import GiB
+
+    t = Table(box=None, pad_edge=False)
+    for col in ("id", "name", "total GiB", "usable GiB", "cc", "bf16", "aliases"):
+        t.add_column(col, justify="right" if "GiB" in col else "left")
+    for g in sorted(gpus, key=lambda g: g.total_bytes):
+        t.add_row(g.id, g.name, f"{g.total_bytes / GiB:.1f}", f"{g.usable_bytes(headroom) / GiB:.1f}",
+                  g.compute_capability, "yes" if g.bf16 else "no", ", ".join(g.aliases))
+    _console().print(t)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except MemplanError as exc:
+        sys.stderr.write(f"memplan {args.command}: error: {exc}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("memplan: interrupted\n")
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

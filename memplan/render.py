@@ -1,0 +1,134 @@
+"""Terminal rendering of estimates and fit results with rich. The core returns dataclasses; only this module
+turns bytes into text (GiB, labelled)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
+
+from .estimate import COMPONENTS
+from .units import GiB, format_gib
+
+if TYPE_CHECKING:
+    from .estimate import Estimate
+    from .fit import FitResult
+
+__all__ = ["describe_setup", "breakdown_table", "estimate_view", "fit_view", "COMPONENT_LABELS"]
+
+COMPONENT_LABELS = {
+    "weights": "base weights (float)",
+    "quantized_weights": "base weights (quantized)",
+    "quant_constants": "quantization constants",
+    "lora_params": "LoRA parameters",
+    "gradients": "gradients",
+    "optimizer_state": "optimizer state",
+    "activations": "activations",
+    "logits_loss": "logits + loss",
+    "transients": "transients",
+    "cuda_context": "CUDA context",
+    "allocator_overhead": "allocator overhead",
+}
+_BAR_WIDTH = 30
+
+
+def _gib(n: int) -> str:
+    return f"{n / GiB:.2f}"
+
+
+def describe_setup(e: Estimate) -> str:
+    """``8-bit LoRA r=64 on all-linear, batch 8, seq 512, checkpointing, adamw_torch, sdpa, bf16``."""
+    s = e.setup
+    if s.bits == 4:
+        weights = f"4-bit {s.quant_type}{' + double quant' if s.double_quant else ''}"
+    elif s.bits == 8:
+        weights = "8-bit LLM.int8"
+    else:
+        weights = f"{s.bits}-bit"
+    adapter = "full fine-tuning" if s.method == "full" else f"LoRA r={s.rank} on {s.targets}"
+    ckpt = "checkpointing" if s.grad_ckpt else "no checkpointing"
+    return (f"{weights} {adapter}, batch {s.batch_size}, seq {s.seq_len}, {ckpt}, {s.optimizer}, "
+            f"{s.attn}, {s.dtype}")
+
+
+def breakdown_table(e: Estimate, *, title: str | None = None) -> Table:
+    """Components at the peak, largest first, with a bar scaled to the largest one."""
+    table = Table(title=title, title_justify="left", show_footer=True, box=None, pad_edge=False)
+    table.add_column("component", footer="total")
+    table.add_column("GiB", justify="right", footer=_gib(e.total_bytes))
+    table.add_column("share", justify="right", footer="100%")
+    table.add_column("", footer="")
+    largest = max(e.components.values()) or 1
+    dominant = e.dominant
+    for name in sorted(COMPONENTS, key=lambda c: -e.components[c]):
+        n = e.components[name]
+        if n == 0:
+            continue
+        bar = "█" * max(1, round(_BAR_WIDTH * n / largest))
+        style = "bold magenta" if name == dominant else "cyan"
+        table.add_row(COMPONENT_LABELS[name], _gib(n), f"{100 * n / e.total_bytes:.0f}%", Text(bar, style=style))
+    return table
+
+
+def _headline(e: Estimate) -> Text:
+    t = Text()
+    t.append(f"peak {format_gib(e.total_bytes, 2)}", style="bold")
+    t.append(f" at {e.peak_phase.replace('_', ' ')}; ")
+    t.append(f"largest: {COMPONENT_LABELS[e.dominant]} ({100 * e.components[e.dominant] / e.total_bytes:.0f}%)")
+    p = e.params
+    t.append(f"\nparams {p.total:,} total, {p.trainable:,} trainable ({100 * p.trainable / p.total:.2f}%)")
+    if p.quantized:
+        t.append(f", {p.quantized:,} quantized")
+    return t
+
+
+def estimate_view(e: Estimate) -> Group:
+    parts = [Text(f"{e.setup.model}: {describe_setup(e)}", style="bold"), _headline(e), Text(""),
+             breakdown_table(e)]
+    parts += [Text(f"note: {n}", style="yellow") for n in e.notes]
+    return Group(*parts)
+
+
+def fit_view(r: FitResult) -> Group:
+    g = r.gpu
+    parts: list = [Text(
+        f"{r.model} on {g.name}: {format_gib(g.total_bytes)} total, {format_gib(r.usable_bytes)} usable "
+        f"(CUDA context {format_gib(g.cuda_context_bytes, 2)}, headroom {r.headroom:.0%})", style="bold")]
+    if r.recommended is None:
+        lean = r.leanest
+        parts.append(Text(
+            f"Nothing fits. The leanest plan searched ({describe_setup(lean)}) needs {format_gib(lean.total_bytes)} "
+            f"against a budget of {format_gib(r.budget_bytes)}.", style="bold red"))
+        parts.append(Text(f"Smallest catalog card that fits it: {r.smallest_gpu or 'none in the catalog'}"))
+        parts += [Text(""), breakdown_table(lean, title="Leanest plan")]
+        return Group(*parts)
+
+    rec = r.recommended
+    parts.append(Text.assemble(("Recommended: ", "bold green"), describe_setup(rec)))
+    parts.append(Text(f"peak {format_gib(rec.total_bytes, 2)} at {rec.peak_phase.replace('_', ' ')}, "
+                      f"{format_gib(r.budget_bytes - rec.total_bytes, 2)} to spare"))
+    parts += [Text(""), breakdown_table(rec, title="Where the memory goes (recommended plan)"), Text("")]
+
+    alt = Table(title="Alternatives", title_justify="left", box=None, pad_edge=False)
+    for col, justify in (("bits", "right"), ("rank", "right"), ("targets", "left"), ("batch", "right"),
+                         ("ckpt", "left"), ("optimizer", "left"), ("peak GiB", "right"), ("spare GiB", "right")):
+        alt.add_column(col, justify=justify)
+    for e in (rec, *r.alternatives):
+        s = e.setup
+        alt.add_row(str(s.bits) + (f" {s.quant_type}" if s.bits == 4 else ""),
+                    "-" if s.method == "full" else str(s.rank), s.targets or "all (full)", str(s.batch_size),
+                    "yes" if s.grad_ckpt else "no", s.optimizer, _gib(e.total_bytes),
+                    _gib(r.budget_bytes - e.total_bytes), style="green" if e is rec else None)
+    parts.append(alt)
+    if r.next_batch is not None:
+        nb = r.next_batch
+        where = f"fits a {nb.smallest_gpu}" if nb.smallest_gpu else "fits no catalog card"
+        parts.append(Text(f"\nNext size up (batch {nb.estimate.setup.batch_size}): needs "
+                          f"{format_gib(nb.estimate.total_bytes, 2)}, {format_gib(nb.shortfall_bytes, 2)} over "
+                          f"this card's budget; {where}."))
+    if r.max_seq_len_batch1 is not None:
+        parts.append(Text(f"Longest sequence at batch 1 with these settings: {r.max_seq_len_batch1:,} tokens."))
+    parts += [Text(f"note: {n}", style="yellow") for n in rec.notes]
+    return Group(*parts)
