@@ -153,9 +153,8 @@ def estimate_for(spec: ModelSpec, setup: TrainSetup, gpu: GPUSpec | None = None)
     static = _static_terms(spec, setup.bits, setup.dtype, setup.quant_type, setup.double_quant,
                            setup.upcast_non_quantized, setup.method)
     trainable_tensors = _trainable_tensors(spec, setup)
-    trainable = sum(t.numel for t in trainable_tensors)
+    trainable, grad_bytes = _trainable_totals(trainable_tensors)
     lora_param_bytes = trainable * DTYPE_BYTES[setup.adapter_dtype] if setup.trains_lora else 0
-    grad_bytes = sum(t.numel * t.bytes_per_value for t in trainable_tensors)
     opt_state_bytes = _optimizer_state_bytes(opt, trainable_tensors)
     opt_temp_bytes = opt.foreach_temp_states * grad_bytes  # same size and dtype as one state (= the grads)
     paged_bytes = opt_state_bytes if opt.paged else 0
@@ -180,7 +179,8 @@ def estimate_for(spec: ModelSpec, setup: TrainSetup, gpu: GPUSpec | None = None)
     else:
         saved_all = L * layer_bytes + extras
         saved_in_backward = saved_all
-    one_layer = (ckpt_input_bytes * L if setup.grad_ckpt else 0) + layer_bytes + extras
+    # At the end of backward only the first layer's tensors remain (its checkpointed input, if any).
+    one_layer = (ckpt_input_bytes if setup.grad_ckpt else 0) + layer_bytes + extras
 
     # Full fine-tuning: the lm_head / tied-embedding gradient is produced with the logits gradient.
     head_grad = 0
@@ -250,7 +250,7 @@ def _static_terms(spec: ModelSpec, bits: int, dtype: str, quant_type: str, doubl
         wb = 4 if bits == 32 else DTYPE_BYTES[dtype]
         return _Static(spec.total_params() * wb, 0, 0, 0)
 
-    quantized_linears = [lin for lin in _all_linears(spec) if lin.quantized_by_bnb]
+    quantized_linears = [(lin, mult) for lin, mult in _all_linears(spec) if lin.quantized_by_bnb]
     quantized_values = sum(lin.weight_numel * mult for lin, mult in quantized_linears)
     # Everything bitsandbytes leaves in float (embeddings, lm_head, norms, biases, routers) is fp32 after
     # prepare_model_for_kbit_training (peft/utils/other.py casts every fp16/bf16 non-Params4bit parameter),
@@ -277,6 +277,12 @@ def _static_terms(spec: ModelSpec, bits: int, dtype: str, quant_type: str, doubl
             packed += mult * round_up(n, CUDA_BLOCK_BYTES)
             consts += mult * round_up(lin.num_experts * lin.out_features * 4, CUDA_BLOCK_BYTES)
     return _Static(weights, packed, consts, quantized_values)
+
+
+@lru_cache(maxsize=1024)
+def _targets(spec: ModelSpec, targets: str) -> tuple[LinearSpec, ...]:
+    """``spec.resolve_targets`` memoized: the search asks for the same few target sets hundreds of times."""
+    return tuple(spec.resolve_targets(targets))
 
 
 def _all_linears(spec: ModelSpec) -> list[tuple[LinearSpec, int]]:
@@ -330,9 +336,8 @@ def _full_tensors(spec: ModelSpec, b: int) -> tuple[_Tensor, ...]:
 @lru_cache(maxsize=4096)
 def _lora_tensors(spec: ModelSpec, targets: str, rank: int, b: int) -> tuple[_Tensor, ...]:
     tensors: list[_Tensor] = []
-    per_layer_names = {lin.name for lin in spec.layer_linears}
-    for lin in spec.resolve_targets(targets):
-        mult = spec.num_layers if lin.name in per_layer_names else 1
+    for lin in _targets(spec, targets):
+        mult = spec.instances(lin)  # layer-restricted targets adapt only some layers
         if lin.num_experts == 1:
             pair = [_matrix(rank, lin.in_features, b), _matrix(lin.out_features, rank, b)]  # lora_A, lora_B
         else:  # fused experts: peft's parameter wrapper; one tensor of peft's exact count
@@ -342,6 +347,13 @@ def _lora_tensors(spec: ModelSpec, targets: str, rank: int, b: int) -> tuple[_Te
     return tuple(tensors)
 
 
+@lru_cache(maxsize=1024)
+def _trainable_totals(tensors: tuple[_Tensor, ...]) -> tuple[int, int]:
+    """(values, gradient bytes) of the trainable tensors."""
+    return sum(t.numel for t in tensors), sum(t.numel * t.bytes_per_value for t in tensors)
+
+
+@lru_cache(maxsize=4096)
 def _optimizer_state_bytes(opt: OptimizerSpec, tensors: tuple[_Tensor, ...]) -> int:
     total = 0
     for t in tensors:
@@ -422,8 +434,9 @@ def _layer_activations_cached(spec: ModelSpec, attn: str, lora_dropout: float, a
         if spec.attn_logit_softcapping:
             per_tok_seq += heads * a  # tanh output saved (gemma-2 softcapping)
     if spec.residual_dropout > 0:
-        # CUDA native_dropout saves a bool mask; two residual dropouts per layer (after attention and MLP).
-        per_tok += 2 * h
+        # CUDA native_dropout saves a bool mask per residual dropout (after attention and/or after the MLP;
+        # the spec counts the sites transformers 5.23 really applies).
+        per_tok += spec.residual_dropout_sites * h
 
     # MLP.
     n_saved = _ACT_SAVED.get(spec.hidden_act, 1)
@@ -450,12 +463,17 @@ def _layer_activations_cached(spec: ModelSpec, attn: str, lora_dropout: float, a
     # plus the dropout's bool mask and lora_A's output, saved by lora_B (peft/tuners/lora/layer.py Linear).
     if method != "full" and targets:
         ab = DTYPE_BYTES[adapter_dtype]
-        for lin in spec.resolve_targets(targets):
-            if lin.name not in {x.name for x in spec.layer_linears}:
+        layer_names = {x.name for x in spec.layer_linears}
+        lora_tok = 0
+        for lin in _targets(spec, targets):
+            if lin.name not in layer_names:
                 continue  # top-level modules are handled with the model extras
             width = lin.in_features
-            mult = spec.num_experts_per_tok if lin.num_experts > 1 else 1
-            per_tok += mult * (width * ab + (width if lora_dropout > 0 else 0) + rank * ab)
+            routed = spec.num_experts_per_tok if lin.num_experts > 1 else 1
+            r = rank * lin.lora_rank_multiplier
+            # Targets restricted to some layers: spread their bytes over the stack (a per-layer average).
+            lora_tok += spec.instances(lin) * routed * (width * ab + (width if lora_dropout > 0 else 0) + r * ab)
+        per_tok += ceil_div(lora_tok, spec.num_layers)
 
     # LLM.int8 (bnb MatMul8bitLt) saves its input A for the input gradient, once per distinct input that
     # no other op saves already: the normed inputs of attention and MLP, and the MLP hidden activation when
@@ -482,7 +500,7 @@ def _model_activation_extras(spec: ModelSpec, setup: TrainSetup, hb: int) -> int
     if setup.method != "full" and setup.targets:
         top = {x.name for x in spec.top_linears}
         ab = DTYPE_BYTES[setup.adapter_dtype]
-        for lin in spec.resolve_targets(setup.targets):
+        for lin in _targets(spec, setup.targets):
             if lin.name in top:
                 per_tok += lin.in_features * ab + setup.rank * ab
     return per_tok

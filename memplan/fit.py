@@ -181,7 +181,12 @@ def fit_for(spec: ModelSpec, setup: TrainSetup, gpu: GPUSpec, *, headroom: float
                     for opt in opt_values:
                         candidate = replace(setup, method=method, bits=bits, rank=rank, targets=targets,
                                             grad_ckpt=ckpt, optimizer=opt, batch_size=batches[0])
-                        resolved = resolve_setup(candidate, spec, gpu)
+                        try:
+                            resolved = resolve_setup(candidate, spec, gpu)
+                        except InvalidSetupError:
+                            if len(target_values) == 1 and len(bits_values) == 1:
+                                raise  # the user pinned a combination that cannot run: say why
+                            continue  # e.g. all-linear on Mixtral with LoRA dropout: peft refuses it
                         at_one = s.est(resolved)
                         if leanest is None or at_one.total_bytes < leanest.total_bytes:
                             leanest = at_one

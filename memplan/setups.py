@@ -10,6 +10,7 @@ that are out of range or contradict each other, naming the bad value and what is
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
+from functools import lru_cache
 from typing import TYPE_CHECKING
 
 from .errors import InvalidSetupError
@@ -79,6 +80,13 @@ def _check_choice(field: str, value, allowed) -> None:
     if value not in allowed:
         shown = ", ".join(str(a) for a in allowed)
         raise InvalidSetupError(f"invalid {field} {value!r}; allowed: {shown}")
+
+
+@lru_cache(maxsize=1024)
+def _parameter_targets(spec: ModelSpec, targets: str) -> tuple[str, ...]:
+    """Resolve (raising for a module the model does not have) and return the targets peft adapts through
+    ``target_parameters`` (Mixtral's router and fused experts in transformers 5)."""
+    return tuple(lin.name for lin in spec.resolve_targets(targets) if lin.peft_target == "parameter")
 
 
 def resolve_setup(setup: TrainSetup, spec: ModelSpec, gpu: GPUSpec | None = None) -> TrainSetup:
@@ -155,7 +163,13 @@ def resolve_setup(setup: TrainSetup, spec: ModelSpec, gpu: GPUSpec | None = None
     else:
         if targets is None:
             targets = ",".join(spec.default_lora_targets())
-        spec.resolve_targets(targets)  # raises InvalidSetupError for a module the model does not have
+        parameter_targets = _parameter_targets(spec, targets)
+        if parameter_targets and setup.lora_dropout > 0:
+            # peft 0.21 lora.ParamWrapper raises "does not work with lora_dropout != 0".
+            raise InvalidSetupError(
+                f"LoRA on {', '.join(parameter_targets)} (peft target_parameters) needs --lora-dropout 0, "
+                f"got {setup.lora_dropout}"
+            )
         alpha = alpha if alpha is not None else 2 * setup.rank
 
     return replace(
