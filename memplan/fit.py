@@ -59,6 +59,7 @@ class FitResult:
     smallest_gpu: str | None  # when nothing fits: the smallest card the leanest plan fits
     leanest: Estimate  # the leanest plan searched (reported when nothing fits)
     evaluated: int  # number of estimates computed
+    max_seq_len_is_model_limit: bool = False  # the search stopped at learned position embeddings, not memory
 
     def to_dict(self) -> dict:
         return {
@@ -80,6 +81,7 @@ class FitResult:
                 "smallest_gpu": self.next_batch.smallest_gpu,
             },
             "max_seq_len_batch1": self.max_seq_len_batch1,
+            "max_seq_len_is_model_limit": self.max_seq_len_is_model_limit,
             "smallest_gpu": self.smallest_gpu,
             "leanest": self.leanest.to_dict(),
             "evaluated": self.evaluated,
@@ -213,7 +215,8 @@ def fit_for(spec: ModelSpec, setup: TrainSetup, gpu: GPUSpec, *, headroom: float
         seq_limit = max(MAX_SEQ_SEARCH, spec.max_position_embeddings or 0)
     max_seq = s.max_seq(recommended.setup, seq_limit)
     return FitResult(spec.name, gpu, headroom, budget, gpu.usable_bytes(headroom), recommended, alternatives,
-                     next_batch, max_seq, None, leanest, s.evaluated)
+                     next_batch, max_seq, None, leanest, s.evaluated,
+                     max_seq_len_is_model_limit=max_seq == seq_limit and spec.position_embedding == "learned")
 
 
 def _alternatives(recommended: Estimate, ranked: list[Estimate]) -> tuple[Estimate, ...]:

@@ -112,12 +112,12 @@ def fit_view(r: FitResult) -> Group:
     parts += [Text(""), breakdown_table(rec, title="Where the memory goes (recommended plan)"), Text("")]
 
     alt = Table(title="Alternatives", title_justify="left", box=None, pad_edge=False)
-    for col, justify in (("bits", "right"), ("rank", "right"), ("targets", "left"), ("batch", "right"),
+    for col, justify in (("plan", "left"), ("bits", "right"), ("rank", "right"), ("targets", "left"), ("batch", "right"),
                          ("ckpt", "left"), ("optimizer", "left"), ("peak GiB", "right"), ("spare GiB", "right")):
         alt.add_column(col, justify=justify)
     for e in (rec, *r.alternatives):
         s = e.setup
-        alt.add_row(str(s.bits) + (f" {s.quant_type}" if s.bits == 4 else ""),
+        alt.add_row("recommended" if e is rec else "", str(s.bits) + (f" {s.quant_type}" if s.bits == 4 else ""),
                     "-" if s.method == "full" else str(s.rank), s.targets or "all (full)", str(s.batch_size),
                     "yes" if s.grad_ckpt else "no", s.optimizer, _gib(e.total_bytes),
                     _gib(r.budget_bytes - e.total_bytes), style="green" if e is rec else None)
@@ -129,6 +129,7 @@ def fit_view(r: FitResult) -> Group:
                           f"{format_gib(nb.estimate.total_bytes, 2)}, {format_gib(nb.shortfall_bytes, 2)} over "
                           f"this card's budget; {where}."))
     if r.max_seq_len_batch1 is not None:
-        parts.append(Text(f"Longest sequence at batch 1 with these settings: {r.max_seq_len_batch1:,} tokens."))
+        limit = " (the model's max_position_embeddings)" if r.max_seq_len_is_model_limit else ""
+        parts.append(Text(f"Longest sequence at batch 1 with these settings: {r.max_seq_len_batch1:,} tokens{limit}."))
     parts += [Text(f"note: {n}", style="yellow") for n in rec.notes]
     return Group(*parts)
