@@ -498,11 +498,12 @@ def _model_activation_extras(spec: ModelSpec, setup: TrainSetup, hb: int) -> int
         # BERT MLM head transform: gelu saves its input, LayerNorm saves its input (modeling_bert.py).
         per_tok += 2 * hb * spec.hidden_size + 8
     if setup.method != "full" and setup.targets:
-        top = {x.name for x in spec.top_linears}
+        top = {x.name for x in spec.top_linears + spec.tied_linears}  # adapters on lm_head save its input too
         ab = DTYPE_BYTES[setup.adapter_dtype]
         for lin in _targets(spec, setup.targets):
-            if lin.name in top:
-                per_tok += lin.in_features * ab + setup.rank * ab
+            if lin.name in top:  # same terms as a per-layer adapter (see _layer_activations_cached)
+                mask = lin.in_features if setup.lora_dropout > 0 else 0
+                per_tok += lin.in_features * ab + mask + setup.rank * lin.lora_rank_multiplier * ab
     return per_tok
 
 

@@ -549,6 +549,12 @@ def _tied(c: _Config, default: bool) -> bool:
     return default if v is None else bool(v)
 
 
+
+def _standard_sizes(c: _Config) -> tuple[int, int, int, int, int]:
+    """hidden, layers, heads, vocab and MLP sizes under their standard HF key names (llama-style configs)."""
+    return (c.req("hidden_size"), c.req("num_hidden_layers"), c.req("num_attention_heads"), c.req("vocab_size"),
+            c.req("intermediate_size"))
+
 def _llama_like(c: _Config) -> dict:
     """llama, mistral, mixtral, qwen2, gemma2: pre-norm decoder, RMSNorm, rotary, SwiGLU/GeGLU MLP.
 
@@ -557,11 +563,7 @@ def _llama_like(c: _Config) -> dict:
     pre/post_feedforward_layernorm), model.norm, lm_head. Only attention-probability dropout exists.
     """
     mt = c.model_type
-    h = c.req("hidden_size")
-    n_layers = c.req("num_hidden_layers")
-    heads = c.req("num_attention_heads")
-    vocab = c.req("vocab_size")
-    inter = c.req("intermediate_size")
+    h, n_layers, heads, vocab, inter = _standard_sizes(c)
     # configuration_*.py defaults for num_key_value_heads: llama None, mistral/mixtral 8, qwen2 32, gemma2 4;
     # None (absent for llama, or JSON null) means multi-head attention.
     kv = c.opt_int("num_key_value_heads", {"llama": None, "mistral": 8, "mixtral": 8, "qwen2": 32, "gemma2": 4}[mt])
@@ -694,8 +696,7 @@ def _opt(c: _Config) -> dict:
         tie_word_embeddings=tied, mlp_kind="plain", hidden_act=c.get("activation_function", "relu") or "relu",
         norm_kind="layernorm", parallel_attn_mlp=False, position_embedding="learned",
         **_dropout_fields(c.num("attention_dropout", 0.0), [drop, drop]),
-        num_experts=1, num_experts_per_tok=1, attn_logit_softcapping=None, final_logit_softcapping=None,
-        sliding_window=None, is_causal_lm=True, layer_prefix="model.decoder.layers", layer_linears=lin,
+        layer_prefix="model.decoder.layers", layer_linears=lin,
         top_linears=tuple(top) + head_top, tied_linears=tied_l, params=tuple(params + extra), rotary_dim=None,
     )
 
@@ -744,8 +745,7 @@ def _gpt2(c: _Config) -> dict:
         mlp_kind="plain", hidden_act=c.get("activation_function", act_default) or act_default,
         norm_kind="layernorm", parallel_attn_mlp=False, position_embedding="learned",
         **_dropout_fields(c.num("attn_pdrop", 0.1), [resid, resid], embed=c.num("embd_pdrop", 0.1)),
-        num_experts=1, num_experts_per_tok=1, attn_logit_softcapping=None, final_logit_softcapping=None,
-        sliding_window=None, is_causal_lm=True, layer_prefix="transformer.h", layer_linears=lin,
+        layer_prefix="transformer.h", layer_linears=lin,
         top_linears=top, tied_linears=tied_l, params=tuple(params + extra), rotary_dim=None,
     )
 
@@ -785,8 +785,7 @@ def _bloom(c: _Config) -> dict:
         tie_word_embeddings=tied, mlp_kind="plain", hidden_act="bloom_gelu", norm_kind="layernorm",
         parallel_attn_mlp=False, position_embedding="alibi",
         **_dropout_fields(c.num("attention_dropout", 0.0), [hid, hid]),
-        num_experts=1, num_experts_per_tok=1, attn_logit_softcapping=None, final_logit_softcapping=None,
-        sliding_window=None, is_causal_lm=True, layer_prefix="transformer.h", layer_linears=lin,
+        layer_prefix="transformer.h", layer_linears=lin,
         top_linears=top, tied_linears=tied_l, params=tuple(params + extra), rotary_dim=None,
     )
 
@@ -859,8 +858,7 @@ def _falcon(c: _Config) -> dict:
         # FalconAttention applies attention_dropout to the probabilities on the ALiBi path only ("It is unclear
         # why dropout is not applied here" on the rotary path, eager and sdpa alike).
         **_dropout_fields(attn_p if alibi else 0.0, [hid_p] if is_parallel else [attn_p, hid_p]),
-        num_experts=1, num_experts_per_tok=1, attn_logit_softcapping=None, final_logit_softcapping=None,
-        sliding_window=None, is_causal_lm=True, layer_prefix="transformer.h", layer_linears=lin,
+        layer_prefix="transformer.h", layer_linears=lin,
         top_linears=top, tied_linears=tied_l, params=tuple(params + extra), rotary_dim=None if alibi else hd,
     )
 
@@ -873,11 +871,7 @@ def _phi(c: _Config) -> dict:
     k_layernorm over head_dim. PhiMLP: fc1, fc2 with bias. PhiModel: embed_tokens, embed_dropout (embd_pdrop),
     final_layernorm. lm_head HAS a bias. Partial rotary (partial_rotary_factor, default 0.5).
     """
-    h = c.req("hidden_size")
-    n_layers = c.req("num_hidden_layers")
-    heads = c.req("num_attention_heads")
-    vocab = c.req("vocab_size")
-    inter = c.req("intermediate_size")
+    h, n_layers, heads, vocab, inter = _standard_sizes(c)
     kv = c.opt_int("num_key_value_heads", None) or heads
     hd = c.opt_int("head_dim", None) or h // heads
     lin = (
@@ -904,8 +898,7 @@ def _phi(c: _Config) -> dict:
         tie_word_embeddings=tied, mlp_kind="plain", hidden_act=c.get("hidden_act", "gelu_new") or "gelu_new",
         norm_kind="layernorm", parallel_attn_mlp=True, position_embedding="rotary",
         **_dropout_fields(c.num("attention_dropout", 0.0), [resid, resid], embed=c.num("embd_pdrop", 0.0)),
-        num_experts=1, num_experts_per_tok=1, attn_logit_softcapping=None, final_logit_softcapping=None,
-        sliding_window=None, is_causal_lm=True, layer_prefix="model.layers", layer_linears=lin,
+        layer_prefix="model.layers", layer_linears=lin,
         top_linears=top, tied_linears=tied_l, params=tuple(params + extra),
         rotary_dim=int(hd * c.rope_fraction(0.5)),
     )
@@ -919,11 +912,7 @@ def _phi3(c: _Config) -> dict:
     resid_pdrop is applied to the attention and the MLP output (resid_attn_dropout / resid_mlp_dropout);
     5.23's Phi3Model applies no embedding dropout (embd_pdrop is unused).
     """
-    h = c.req("hidden_size")
-    n_layers = c.req("num_hidden_layers")
-    heads = c.req("num_attention_heads")
-    vocab = c.req("vocab_size")
-    inter = c.req("intermediate_size")
+    h, n_layers, heads, vocab, inter = _standard_sizes(c)
     kv = c.opt_int("num_key_value_heads", None) or heads
     hd = c.opt_int("head_dim", None) or h // heads
     lin = (
@@ -944,7 +933,6 @@ def _phi3(c: _Config) -> dict:
         tie_word_embeddings=tied, mlp_kind="gated", hidden_act=c.get("hidden_act", "silu") or "silu",
         norm_kind="rmsnorm", parallel_attn_mlp=False, position_embedding="rotary",
         **_dropout_fields(c.num("attention_dropout", 0.0), [resid, resid]),
-        num_experts=1, num_experts_per_tok=1, attn_logit_softcapping=None, final_logit_softcapping=None,
         sliding_window=c.opt_int("sliding_window", None), is_causal_lm=True, layer_prefix="model.layers",
         layer_linears=lin, top_linears=top, tied_linears=tied_l, params=tuple(params + extra),
         rotary_dim=int(hd * c.rope_fraction(1.0)),
@@ -960,11 +948,7 @@ def _stablelm(c: _Config) -> dict:
     (absent with use_parallel_residual), model.norm. hidden_dropout is applied to the MLP output only.
     Partial rotary (partial_rotary_factor, default 0.25).
     """
-    h = c.req("hidden_size")
-    n_layers = c.req("num_hidden_layers")
-    heads = c.req("num_attention_heads")
-    vocab = c.req("vocab_size")
-    inter = c.req("intermediate_size")
+    h, n_layers, heads, vocab, inter = _standard_sizes(c)
     kv = c.opt_int("num_key_value_heads", 32) or heads
     hd = h // heads
     qkv_bias = bool(c.get("use_qkv_bias", False))
@@ -994,8 +978,7 @@ def _stablelm(c: _Config) -> dict:
         tie_word_embeddings=tied, mlp_kind="gated", hidden_act=c.get("hidden_act", "silu") or "silu",
         norm_kind="layernorm", parallel_attn_mlp=parallel, position_embedding="rotary",
         **_dropout_fields(c.num("attention_dropout", 0.0), [c.num("hidden_dropout", 0.0)]),
-        num_experts=1, num_experts_per_tok=1, attn_logit_softcapping=None, final_logit_softcapping=None,
-        sliding_window=None, is_causal_lm=True, layer_prefix="model.layers", layer_linears=lin,
+        layer_prefix="model.layers", layer_linears=lin,
         top_linears=top, tied_linears=tied_l, params=tuple(params + extra),
         rotary_dim=int(hd * c.rope_fraction(0.25)),
     )
@@ -1011,11 +994,7 @@ def _bert(c: _Config) -> dict:
     hidden_dropout_prob: after the embeddings and after both output denses; attention_probs_dropout_prob on
     the probabilities.
     """
-    h = c.req("hidden_size")
-    n_layers = c.req("num_hidden_layers")
-    heads = c.req("num_attention_heads")
-    vocab = c.req("vocab_size")
-    inter = c.req("intermediate_size")
+    h, n_layers, heads, vocab, inter = _standard_sizes(c)
     max_pos = c.opt_int("max_position_embeddings", 512)
     types = c.opt_int("type_vocab_size", 2)
     lin = (
@@ -1052,7 +1031,6 @@ def _bert(c: _Config) -> dict:
         tie_word_embeddings=tied, mlp_kind="plain", hidden_act=c.get("hidden_act", "gelu") or "gelu",
         norm_kind="layernorm", parallel_attn_mlp=False, position_embedding="absolute+type",
         **_dropout_fields(c.num("attention_probs_dropout_prob", 0.1), [hid, hid], embed=hid),
-        num_experts=1, num_experts_per_tok=1, attn_logit_softcapping=None, final_logit_softcapping=None,
         sliding_window=None, is_causal_lm=False, layer_prefix="bert.encoder.layer", layer_linears=lin,
         top_linears=tuple(top), tied_linears=tied_l, params=tuple(params), rotary_dim=None,
     )
@@ -1091,7 +1069,10 @@ def spec_from_config(config: dict, *, name: str, hf_id: str | None = None, sourc
         raise ConfigError(
             f"{where}: unsupported model_type {mt!r}; memplan supports: {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
-    fields = builder(_Config(config, mt, where))
+    # What most architectures share; a builder returns only the fields it sets itself or that differ.
+    fields = dict(num_experts=1, num_experts_per_tok=1, attn_logit_softcapping=None, final_logit_softcapping=None,
+                  sliding_window=None, is_causal_lm=True)
+    fields.update(builder(_Config(config, mt, where)))
     h, heads = fields["hidden_size"], fields["num_attention_heads"]
     if mt not in ("gemma2", "llama", "mistral", "mixtral", "qwen2", "phi", "phi3") and h % heads:
         raise ConfigError(f"{where}: hidden size {h} is not a multiple of the {heads} attention heads")

@@ -270,3 +270,11 @@ def test_transformers5_leaves_mixtral_experts_and_falcon_unquantized():
     falcon = _est(model="falcon-7b", bits=4)
     assert falcon.params.quantized == 0 and falcon.components["quantized_weights"] == 0
     assert falcon.components["weights"] == falcon.params.total * 4
+
+
+def test_lora_on_a_tied_lm_head_saves_its_input():
+    # GPT-2's lm_head is tied to wte; an adapter on it saves lora_A's fp32 input (768 wide) and its r-wide
+    # output per token: (768 + 8) x 4 B, plus the dropout mask (768 B).
+    with_head = _est(model="gpt2", targets="c_attn,lm_head", seq_len=128)
+    without = _est(model="gpt2", targets="c_attn", seq_len=128)
+    assert with_head.components["activations"] - without.components["activations"] == 128 * ((768 + 8) * 4 + 768)
