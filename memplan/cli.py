@@ -102,6 +102,45 @@ def build_parser() -> argparse.ArgumentParser:
     _add_knobs(p)
     p.set_defaults(func=_run_fit)
 
+    p = sub.add_parser("simulate", help="exact peak of one real training step on fake tensors (needs torch)",
+                       description="Builds the real transformers + peft model from its config on fake tensors "
+                                   "and runs training steps under a live-storage tracker: the exact tensor-level "
+                                   "peak of any model size, on a CPU.")
+    p.add_argument("model", help="catalog name, config.json path or local model folder")
+    p.add_argument("--gpu", help="card for dtype defaults")
+    _add_knobs(p)
+    p.add_argument("--steps", type=int, default=2, help="training steps (default 2: step 2 has optimizer state)")
+    p.add_argument("--device-semantics", choices=["cuda", "cpu"], default="cuda",
+                   help="cuda (default): bool dropout masks, flash attention, 512-byte blocks; cpu: a CPU run")
+    p.add_argument("--compare", action="store_true", help="also show the analytic estimate and estimate ÷ simulated")
+    p.set_defaults(func=_run_simulate)
+
+    p = sub.add_parser("profile", help="instrumented real training steps; writes run records (needs torch)",
+                       description="Runs real training steps of a randomly initialised model on this machine and "
+                                   "records per-phase peaks (tensor tracker; on CUDA also allocated / reserved / "
+                                   "NVML and paged memory). An out-of-memory error is recorded as a result.")
+    p.add_argument("model", help="catalog name, config.json path or local model folder")
+    _add_knobs(p)
+    p.add_argument("--steps", type=int, default=3, help="training steps per run (default 3)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--out", default=None, help="folder for run records (default: the catalog's runs/)")
+    p.add_argument("--sweep", action="store_true", help="double the batch size from --batch-size until out of memory")
+    p.add_argument("--max-batch", type=int, default=256, help="largest batch a sweep tries (default 256)")
+    p.add_argument("--memory-fraction", type=float, default=None,
+                   help="cap this process at a fraction of the GPU (torch.cuda.set_per_process_memory_fraction)")
+    p.set_defaults(func=_run_profile)
+
+    p = sub.add_parser("validate", help="estimate ÷ measured for recorded runs and a simulated grid; writes a report",
+                       description="Compares the analytic estimate with every recorded run and (with --matrix) with "
+                                   "exact simulations over a grid of setups; writes validation.md, CSV and a plot.")
+    p.add_argument("--runs", default=None, help="run records folder (default: the catalog's runs/)")
+    p.add_argument("--out", default="reports", help="report folder (default reports/)")
+    p.add_argument("--matrix", action="store_true", help="also simulate the grid of setups (minutes)")
+    p.add_argument("--models", default=None, help="comma-separated catalog models for the matrix (default: 16)")
+    p.add_argument("--jobs", type=int, default=1, help="parallel simulations for the matrix (default 1)")
+    p.add_argument("--no-simulate-runs", action="store_true", help="do not simulate the recorded runs")
+    p.set_defaults(func=_run_validate)
+
     p = sub.add_parser("models", help="list the model catalog")
     p.add_argument("--profiles", metavar="DIR")
     p.add_argument("--json", action="store_true")
@@ -158,6 +197,96 @@ def _run_fit(args) -> int:
 
         _console().print(fit_view(result))
     return 0 if result.recommended is not None else 1
+
+
+def _run_simulate(args) -> int:
+    from .estimate import estimate_for
+    from .gpus import load_gpu
+    from .models import load_model
+    from .setups import resolve_setup
+    from .trace import simulate
+
+    setup, _ = _setup_from_args(args)
+    spec = load_model(setup.model, profiles_dir=args.profiles)
+    gpu = load_gpu(args.gpu, profiles_dir=args.profiles) if args.gpu else None
+    resolved = resolve_setup(setup, spec, gpu)
+    result = simulate(resolved, steps=args.steps, device_semantics=args.device_semantics, gpu=gpu,
+                      profiles_dir=args.profiles)
+    analytic = estimate_for(spec, resolved, gpu, include_runtime=False) if args.compare else None
+    if args.json:
+        d = result.to_dict()
+        if analytic is not None:
+            d["analytic"] = analytic.to_dict()
+            d["analytic_ratio"] = analytic.total_bytes / result.total_bytes
+        _print_json(d)
+        return 0
+    from .render import simulation_view
+
+    _console().print(simulation_view(result, analytic))
+    return 0
+
+
+def _run_profile(args) -> int:
+    from .catalog import profiles_dir
+    from .profiler import profile_run, profile_sweep
+    from .runs import save_run
+
+    setup, _ = _setup_from_args(args)
+    out = args.out or str(profiles_dir(args.profiles) / "runs")
+    device = args.device
+    if device is None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    console = _console()
+    if args.sweep:
+        batches = []
+        b = setup.batch_size or 1
+        while b <= args.max_batch:
+            batches.append(b)
+            b *= 2
+        records = profile_sweep(setup, batch_sizes=batches, out_dir=out, device=device, steps=args.steps,
+                                gpu_memory_fraction=args.memory_fraction, progress=not args.json)
+    else:
+        record = profile_run(setup, device=device, steps=args.steps, gpu_memory_fraction=args.memory_fraction)
+        save_run(record, out)
+        records = [record]
+    if args.json:
+        _print_json([r.to_dict() for r in records])
+        return 0
+    from .render import runs_view
+
+    console.print(runs_view(records, out))
+    return 0
+
+
+def _run_validate(args) -> int:
+    from .catalog import profiles_dir
+    from .validate import MATRIX_MODELS, matrix_setups, run_matrix, validate_runs, write_report
+
+    console = _console()
+    runs_dir = args.runs or str(profiles_dir() / "runs")
+    runs = validate_runs(runs_dir, simulate_runs=not args.no_simulate_runs)
+    matrix = None
+    if args.matrix:
+        models = MATRIX_MODELS
+        if args.models:
+            models = tuple((m.strip(), {}) for m in args.models.split(",") if m.strip())
+        setups = matrix_setups(models)
+        done = [0]
+
+        def progress(row):
+            done[0] += 1
+            status = f"error: {row.error}" if row.error else f"{row.ratio:.3f}"
+            console.print(f"[{done[0]}/{len(setups)}] {row.setup['model']}: {status} ({row.sim_seconds:.1f} s)",
+                          highlight=False)
+
+        matrix = run_matrix(setups, jobs=args.jobs, on_row=progress)
+    command = "memplan validate" + (" --matrix" if args.matrix else "") + (f" --jobs {args.jobs}" if args.jobs > 1 else "")
+    paths = write_report(args.out, matrix=matrix, runs=runs, command=command)
+    for p in paths:
+        console.print(f"wrote {p}")
+    return 0
 
 
 def _run_models(args) -> int:

@@ -142,8 +142,13 @@ def estimate(setup: TrainSetup, *, gpu: GPUSpec | str | None = None, profiles_di
     return estimate_for(spec, resolve_setup(setup, spec, gpu_spec), gpu_spec)
 
 
-def estimate_for(spec: ModelSpec, setup: TrainSetup, gpu: GPUSpec | None = None) -> Estimate:
-    """Estimate an already resolved setup (see ``resolve_setup``). The search calls this in its loop."""
+def estimate_for(spec: ModelSpec, setup: TrainSetup, gpu: GPUSpec | None = None, *,
+                 include_runtime: bool = True) -> Estimate:
+    """Estimate an already resolved setup (see ``resolve_setup``). The search calls this in its loop.
+
+    ``include_runtime=False`` leaves out what no tensor tracker sees (CUDA context, allocator overhead,
+    cuBLAS workspace): the tensor-level peak that ``memplan simulate`` and the profiler's tracker measure.
+    """
     opt = resolve_optimizer(setup.optimizer)
     a = DTYPE_BYTES[setup.dtype]  # compute dtype
     tokens = setup.batch_size * setup.seq_len
@@ -187,30 +192,33 @@ def estimate_for(spec: ModelSpec, setup: TrainSetup, gpu: GPUSpec | None = None)
     if setup.method == "full":
         head_grad = spec.vocab_size * spec.hidden_size * DTYPE_BYTES[_param_dtype(setup)]
 
+    workspace = CUBLAS_WORKSPACE_BYTES if include_runtime else 0
     base = {
         "weights": static.weights,
         "quantized_weights": static.quantized,
         "quant_constants": static.quant_constants,
         "lora_params": lora_param_bytes,
         "optimizer_state": opt_state_bytes,
-        "cuda_context": gpu.cuda_context_bytes if gpu is not None else DEFAULT_CUDA_CONTEXT_BYTES,
+        "cuda_context": 0 if not include_runtime else (
+            gpu.cuda_context_bytes if gpu is not None else DEFAULT_CUDA_CONTEXT_BYTES),
     }
     phase_dynamic = {
         "forward_end": dict(activations=saved_all, logits_loss=logits_fwd, gradients=0,
-                            transients=CUBLAS_WORKSPACE_BYTES),
+                            transients=workspace),
         "backward_start": dict(activations=saved_all, logits_loss=logits_bwd, gradients=head_grad,
-                               transients=CUBLAS_WORKSPACE_BYTES),
+                               transients=workspace),
         "backward": dict(activations=saved_in_backward, logits_loss=0, gradients=head_grad,
-                         transients=bwd_transient + dequant + CUBLAS_WORKSPACE_BYTES),
+                         transients=bwd_transient + dequant + workspace),
         "backward_end": dict(activations=one_layer, logits_loss=0, gradients=grad_bytes,
-                             transients=bwd_transient + dequant + CUBLAS_WORKSPACE_BYTES),
+                             transients=bwd_transient + dequant + workspace),
         "optimizer_step": dict(activations=0, logits_loss=0, gradients=grad_bytes,
-                               transients=opt_temp_bytes + CUBLAS_WORKSPACE_BYTES),
+                               transients=opt_temp_bytes + workspace),
     }
     phases: dict[str, dict[str, int]] = {}
     for name, dyn in phase_dynamic.items():
         dynamic = sum(dyn.values())
-        comps = dict(base, **dyn, allocator_overhead=int(ALLOCATOR_OVERHEAD_FRACTION * dynamic))
+        overhead = int(ALLOCATOR_OVERHEAD_FRACTION * dynamic) if include_runtime else 0
+        comps = dict(base, **dyn, allocator_overhead=overhead)
         phases[name] = {c: int(comps[c]) for c in COMPONENTS}
     peak_phase = max(PHASES, key=lambda p: sum(phases[p].values()))
     components = phases[peak_phase]

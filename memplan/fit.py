@@ -209,14 +209,11 @@ def fit_for(spec: ModelSpec, setup: TrainSetup, gpu: GPUSpec, *, headroom: float
         bigger = s.est(replace(recommended.setup, batch_size=recommended.setup.batch_size * 2))
         next_batch = NextStep(bigger, bigger.total_bytes - budget,
                               _smallest_gpu(spec, bigger.setup, headroom, profiles_dir))
-    if spec.position_embedding == "learned" and spec.max_position_embeddings:
-        seq_limit = spec.max_position_embeddings
-    else:
-        seq_limit = max(MAX_SEQ_SEARCH, spec.max_position_embeddings or 0)
+    seq_limit = spec.max_seq_len or max(MAX_SEQ_SEARCH, spec.max_position_embeddings or 0)
     max_seq = s.max_seq(recommended.setup, seq_limit)
     return FitResult(spec.name, gpu, headroom, budget, gpu.usable_bytes(headroom), recommended, alternatives,
                      next_batch, max_seq, None, leanest, s.evaluated,
-                     max_seq_len_is_model_limit=max_seq == seq_limit and spec.position_embedding == "learned")
+                     max_seq_len_is_model_limit=max_seq == spec.max_seq_len)
 
 
 def _alternatives(recommended: Estimate, ranked: list[Estimate]) -> tuple[Estimate, ...]:

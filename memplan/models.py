@@ -194,6 +194,13 @@ class ModelSpec:
     # ------------------------------------------------------------------ counts
 
     @property
+    def max_seq_len(self) -> int | None:
+        """The hard sequence limit of learned position embeddings (OPT, GPT-2, BERT); None for rotary/ALiBi."""
+        if self.position_embedding in ("learned", "absolute+type"):
+            return self.max_position_embeddings
+        return None
+
+    @property
     def is_moe(self) -> bool:
         return self.num_experts > 1
 

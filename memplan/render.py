@@ -53,22 +53,33 @@ def describe_setup(e: Estimate) -> str:
             f"{s.attn}, {s.dtype}")
 
 
-def breakdown_table(e: Estimate, *, title: str | None = None) -> Table:
-    """Components at the peak, largest first, with a bar scaled to the largest one."""
+def breakdown_table(e: Estimate, *, title: str | None = None, compare: Estimate | None = None,
+                    compare_label: str = "estimate") -> Table:
+    """Components at the peak (of an ``Estimate``, or anything with ``components`` and ``total_bytes``), largest
+    first, with a bar scaled to the largest one. ``compare`` adds a column of another breakdown and the ratio."""
+    comps, total = e.components, e.total_bytes
     table = Table(title=title, title_justify="left", show_footer=True, box=None, pad_edge=False)
     table.add_column("component", footer="total")
-    table.add_column("GiB", justify="right", footer=_gib(e.total_bytes))
+    table.add_column("GiB", justify="right", footer=_gib(total))
+    if compare is not None:
+        table.add_column(f"{compare_label} GiB", justify="right", footer=_gib(compare.total_bytes))
+        table.add_column("ratio", justify="right", footer=f"{compare.total_bytes / total:.3f}" if total else "")
     table.add_column("share", justify="right", footer="100%")
     table.add_column("", footer="")
-    largest = max(e.components.values()) or 1
-    dominant = e.dominant
-    for name in sorted(COMPONENTS, key=lambda c: -e.components[c]):
-        n = e.components[name]
-        if n == 0:
+    largest = max(comps.values()) or 1
+    dominant = max(comps, key=comps.__getitem__)
+    for name in sorted(COMPONENTS, key=lambda c: -comps.get(c, 0)):
+        n = comps.get(name, 0)
+        other = compare.components.get(name, 0) if compare is not None else 0
+        if n == 0 and other == 0:
             continue
-        bar = "█" * max(1, round(_BAR_WIDTH * n / largest))
+        bar = "█" * max(1, round(_BAR_WIDTH * n / largest)) if n else ""
         style = "bold magenta" if name == dominant else "cyan"
-        table.add_row(COMPONENT_LABELS[name], _gib(n), f"{100 * n / e.total_bytes:.0f}%", Text(bar, style=style))
+        cells = [COMPONENT_LABELS[name], _gib(n)]
+        if compare is not None:
+            cells += [_gib(other), f"{other / n:.3f}" if n else "-"]
+        cells += [f"{100 * n / total:.0f}%" if total else "-", Text(bar, style=style)]
+        table.add_row(*cells)
     return table
 
 
@@ -133,3 +144,38 @@ def fit_view(r: FitResult) -> Group:
         parts.append(Text(f"Longest sequence at batch 1 with these settings: {r.max_seq_len_batch1:,} tokens{limit}."))
     parts += [Text(f"note: {n}", style="yellow") for n in rec.notes]
     return Group(*parts)
+
+
+def simulation_view(sim, analytic: Estimate | None = None) -> Group:
+    """A ``memplan simulate`` result: the tracked breakdown at the peak, per-phase peaks, and optionally the
+    tensor-level analytic estimate beside it (estimate ÷ simulated)."""
+    s = sim.setup if isinstance(sim.setup, dict) else sim.setup.to_dict()
+    head = Text(f"{s['model']}: simulated {sim.device_semantics}-semantics step(s) in {sim.wall_seconds:.1f} s", style="bold")
+    parts: list = [head, Text(f"peak {format_gib(sim.total_bytes, 3)} at {sim.peak_phase.replace('_', ' ')} "
+                              f"(tensor level: no CUDA context or allocator overhead)"), Text("")]
+    parts.append(breakdown_table(sim, title="Tracked storages at the peak", compare=analytic,
+                                 compare_label="analytic"))
+    phases = Table(title="Peak per phase", title_justify="left", box=None, pad_edge=False)
+    phases.add_column("phase")
+    phases.add_column("GiB", justify="right")
+    for phase, n in sim.phase_peaks.items():
+        phases.add_row(phase, _gib(n))
+    parts += [Text(""), phases]
+    parts += [Text(f"note: {n}", style="yellow") for n in sim.notes]
+    return Group(*parts)
+
+
+def runs_view(records, out_dir) -> Group:
+    """One line per recorded run: outcome, peak and where it was written."""
+    t = Table(title=f"Run records in {out_dir}", title_justify="left", box=None, pad_edge=False)
+    for col, justify in (("outcome", "left"), ("batch", "right"), ("seq", "right"), ("tensor peak GiB", "right"),
+                         ("reserved GiB", "right"), ("phase", "left"), ("file", "left")):
+        t.add_column(col, justify=justify)
+    for r in records:
+        peak = r.peak or {}
+        tp, rv = peak.get("tensor_peak_bytes"), peak.get("max_reserved_bytes")
+        t.add_row(r.outcome, str(r.setup.get("batch_size")), str(r.setup.get("seq_len")),
+                  _gib(tp) if tp is not None else "-", _gib(rv) if rv is not None else "-",
+                  str(peak.get("peak_phase") or "-"), str(getattr(r, "path", "") or ""),
+                  style="red" if r.outcome != "ok" else None)
+    return Group(t)

@@ -126,10 +126,10 @@ def resolve_setup(setup: TrainSetup, spec: ModelSpec, gpu: GPUSpec | None = None
         raise InvalidSetupError(f"invalid batch size {setup.batch_size!r}; must be an integer >= 1")
     if not isinstance(setup.seq_len, int) or setup.seq_len < 1:
         raise InvalidSetupError(f"invalid sequence length {setup.seq_len!r}; must be an integer >= 1")
-    if spec.position_embedding == "learned" and spec.max_position_embeddings and setup.seq_len > spec.max_position_embeddings:
+    if spec.max_seq_len and setup.seq_len > spec.max_seq_len:
         raise InvalidSetupError(
             f"sequence length {setup.seq_len} exceeds {spec.name}'s learned position embeddings "
-            f"(max_position_embeddings {spec.max_position_embeddings})"
+            f"(max_position_embeddings {spec.max_seq_len})"
         )
 
     optimizer = resolve_optimizer(setup.optimizer).name

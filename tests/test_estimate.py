@@ -278,3 +278,14 @@ def test_lora_on_a_tied_lm_head_saves_its_input():
     with_head = _est(model="gpt2", targets="c_attn,lm_head", seq_len=128)
     without = _est(model="gpt2", targets="c_attn", seq_len=128)
     assert with_head.components["activations"] - without.components["activations"] == 128 * ((768 + 8) * 4 + 768)
+
+
+def test_tensor_level_estimate_leaves_out_runtime_terms():
+    spec = load_model("opt-13b")
+    setup = resolve_setup(TrainSetup("opt-13b", rank=16, targets="q_proj,v_proj"), spec)
+    full, tensors = estimate_for(spec, setup), estimate_for(spec, setup, include_runtime=False)
+    from memplan.estimate import CUBLAS_WORKSPACE_BYTES
+
+    assert tensors.components["cuda_context"] == tensors.components["allocator_overhead"] == 0
+    assert full.total_bytes - tensors.total_bytes == (full.components["cuda_context"]
+                                                      + full.components["allocator_overhead"] + CUBLAS_WORKSPACE_BYTES)
