@@ -128,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=256, help="largest batch a sweep tries (default 256)")
     p.add_argument("--memory-fraction", type=float, default=None,
                    help="cap this process at a fraction of the GPU (torch.cuda.set_per_process_memory_fraction)")
+    p.add_argument("--tensor-budget", default=None, metavar="SIZE",
+                   help="treat a tracked tensor peak above SIZE (e.g. 2GiB) as out of memory: lets a CPU sweep stop")
     p.set_defaults(func=_run_profile)
 
     p = sub.add_parser("validate", help="estimate ÷ measured for recorded runs and a simulated grid; writes a report",
@@ -228,8 +230,7 @@ def _run_simulate(args) -> int:
 
 def _run_profile(args) -> int:
     from .catalog import profiles_dir
-    from .profiler import profile_run, profile_sweep
-    from .runs import save_run
+    from .profiler import RunInterrupted, profile_run, profile_sweep
 
     setup, _ = _setup_from_args(args)
     out = args.out or str(profiles_dir(args.profiles) / "runs")
@@ -238,26 +239,29 @@ def _run_profile(args) -> int:
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    console = _console()
-    if args.sweep:
-        batches = []
-        b = setup.batch_size or 1
-        while b <= args.max_batch:
-            batches.append(b)
-            b *= 2
-        records = profile_sweep(setup, batch_sizes=batches, out_dir=out, device=device, steps=args.steps,
-                                gpu_memory_fraction=args.memory_fraction, progress=not args.json)
-    else:
-        record = profile_run(setup, device=device, steps=args.steps, gpu_memory_fraction=args.memory_fraction)
-        save_run(record, out)
-        records = [record]
+    budget = None
+    if args.tensor_budget:
+        from .gpus import load_gpu
+
+        budget = load_gpu(args.tensor_budget).total_bytes  # "2GiB", "1500MB" ... parsed like a card budget
+    kw = dict(device=device, steps=args.steps, gpu_memory_fraction=args.memory_fraction,
+              tensor_budget_bytes=budget, profiles_dir=args.profiles)
+    try:
+        if args.sweep:
+            records = profile_sweep(setup, max_batch_size=args.max_batch, out_dir=out, progress=not args.json, **kw)
+        else:
+            records = [profile_run(setup, out_dir=out, **kw)]  # saved atomically as soon as it ends
+    except RunInterrupted as exc:
+        sys.stderr.write(f"memplan profile: interrupted; finished records are in {out}"
+                         f" (the interrupted run: {getattr(exc.record, 'path', '') or 'not saved'})\n")
+        return 130
     if args.json:
         _print_json([r.to_dict() for r in records])
         return 0
     from .render import runs_view
 
-    console.print(runs_view(records, out))
-    return 0
+    _console().print(runs_view(records, out))
+    return 0 if all(r.outcome == "ok" for r in records) or args.sweep else 1
 
 
 def _run_validate(args) -> int:

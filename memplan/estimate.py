@@ -403,6 +403,30 @@ def _norm_saved_per_token(spec: ModelSpec, hb: int, width: int, trainable: bool)
     return saved
 
 
+# Architectures whose SDPA call carries an explicit attention mask in transformers 5.23 (gpt_bigcode builds its
+# own), which rules the flash kernel out on CUDA.
+_SDPA_WITH_MASK = frozenset({"gpt_bigcode"})
+
+
+def _attention_kernel(spec: ModelSpec, attn: str, a: int) -> str:
+    """What saves the attention activations on CUDA: "flash" (flash or memory-efficient SDPA kernels and
+    flash_attention_2 save the same tensors), "math" (SDPA's math fallback) or "eager".
+
+    torch 2.13 SDPA selection (aten/src/ATen/native/transformers/cuda/sdp_utils.cpp): flash needs fp16/bf16,
+    head_dim <= 256 and no explicit mask, and supports GQA; memory-efficient also takes fp32 and masks but not
+    GQA; otherwise math. transformers passes enable_gqa only without a mask (integrations/sdpa_attention.py
+    use_gqa_in_sdpa); with a mask it repeats k/v itself.
+    """
+    if attn != "sdpa":
+        return "flash" if attn == "flash_attention_2" else "eager"
+    gqa = spec.num_key_value_heads < spec.num_attention_heads
+    if spec.model_type in _SDPA_WITH_MASK:
+        return "math" if gqa else "flash"
+    if a < 4 and spec.head_dim <= 256:
+        return "flash"
+    return "math" if gqa and spec.head_dim <= 256 else "flash"
+
+
 def _layer_activations(spec: ModelSpec, setup: TrainSetup, hb: int) -> _LayerAct:
     """Bytes one decoder layer keeps for backward, per token (and per token x seq for eager attention)."""
     return _layer_activations_cached(spec, setup.attn, setup.lora_dropout, setup.adapter_dtype, setup.rank,
@@ -430,17 +454,26 @@ def _layer_activations_cached(spec: ModelSpec, attn: str, lora_dropout: float, a
     # output and an fp32 logsumexp per head and token (aten._scaled_dot_product_flash_attention's saved
     # outputs; feasibility.md §4). GQA runs natively without repeat_kv when there is no mask
     # (transformers/integrations/sdpa_attention.py use_gqa_in_sdpa).
-    if attn in ("sdpa", "flash_attention_2"):
+    kernel = _attention_kernel(spec, attn, a)
+    if kernel == "flash":
+        # flash / memory-efficient kernels (and flash_attention_2) save q, k, v, the output and an fp32
+        # logsumexp per head and token (aten._scaled_dot_product_flash_attention's saved outputs,
+        # feasibility.md §4). GQA runs natively without repeat_kv.
         per_tok += a * (q_dim + 2 * kv_dim + q_dim) + 4 * heads
     else:
-        # eager_attention_forward: repeat_kv copies k and v to all heads; matmul saves q and k; softmax
-        # in fp32 saves its output; .to(dtype) makes the half copy that the matmul with v saves, with v.
+        # eager_attention_forward and SDPA's math kernel: k and v repeated to every head; the q @ k^T matmul
+        # saves q and k; softmax in fp32 saves its output; .to(dtype) makes the half copy that the matmul with v
+        # saves, with v.
         per_tok += a * (q_dim + 2 * q_dim)
         per_tok_seq += heads * (4 + (a if a < 4 else 0))
-        if spec.attention_dropout > 0:
+        if spec.attention_dropout > 0 and kernel == "eager":
             per_tok_seq += heads * (1 + a)  # bool mask + dropped-out probabilities (saved by the matmul)
-        if spec.attn_logit_softcapping:
+        if spec.attn_logit_softcapping and kernel == "eager":
             per_tok_seq += heads * a  # tanh output saved (gemma-2 softcapping)
+    if spec.model_type == "phi3":
+        # Phi3Attention slices q, k, v out of one qkv_proj output; q and k are replaced by their rotary
+        # copies but v stays a view, so saving v keeps the whole fused buffer alive (modeling_phi3.py).
+        per_tok += a * (q_dim + kv_dim)
     if spec.residual_dropout > 0:
         # CUDA native_dropout saves a bool mask per residual dropout (after attention and/or after the MLP;
         # the spec counts the sites transformers 5.23 really applies).
@@ -520,16 +553,22 @@ def _logits_bytes(spec: ModelSpec, setup: TrainSetup, hb: int, tokens: int) -> t
 
     transformers ForCausalLMLoss (loss/loss_utils.py) upcasts the logits to fp32 and calls cross_entropy:
     log_softmax saves its fp32 output. At the start of backward, nll_loss's gradient (fp32) and
-    log_softmax's gradient (fp32) join the logits and the saved log-softmax: for OPT-13B at 512 tokens
-    49 + 98 + 98 + 98 MiB (feasibility.md §4), i.e. tokens x vocab x (logit bytes + 12).
+    log_softmax's gradient (fp32) join the saved log-softmax: tokens x vocab x 12 (for OPT-13B at 512
+    tokens 3 x 98 MiB, feasibility.md §4). The lm_head's own output is gone by then when the training loop
+    keeps only the loss (the HF Trainer's compute_loss does; the feasibility script held the model output and
+    so also saw the 49 MiB of fp16 logits) — ``memplan simulate`` agrees to the byte.
     """
     # The lm_head computes in its weight's dtype: fp32 after the kbit upcast or at 32 bits.
     lb = 4 if (setup.upcast_non_quantized or setup.bits == 32) else DTYPE_BYTES[setup.dtype]
     tv = tokens * spec.vocab_size
+    if not spec.is_causal_lm:
+        # BertForMaskedLM calls CrossEntropyLoss on the scores as they are (no fp32 upcast): log-softmax and
+        # both gradients in the logits' dtype (modeling_bert.py).
+        return tv * 2 * lb, tv * 3 * lb
     softcap = tv * lb if spec.final_logit_softcapping else 0  # gemma-2: tanh output saved
     upcast_copy = tv * 4 if lb < 4 else 0
     fwd = tv * lb + upcast_copy + tv * 4 + softcap  # the fp32 copy is alive while log_softmax runs
-    bwd = tv * (lb + 12) + softcap
+    bwd = tv * 12 + softcap
     return fwd, bwd
 
 
@@ -546,7 +585,7 @@ def _backward_transient_per_token(spec: ModelSpec, setup: TrainSetup, hb: int) -
 
 def _backward_transient_per_token_seq(spec: ModelSpec, setup: TrainSetup) -> int:
     """Eager attention's backward makes fp32 gradients of the probabilities and the scores."""
-    if setup.attn != "eager":
+    if _attention_kernel(spec, setup.attn, 4 if setup.upcast_non_quantized else DTYPE_BYTES[setup.dtype]) == "flash":
         return 0
     return 2 * 4 * spec.num_attention_heads
 
