@@ -140,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--matrix", action="store_true", help="also simulate the grid of setups (minutes)")
     p.add_argument("--models", default=None, help="comma-separated catalog models for the matrix (default: 16)")
     p.add_argument("--jobs", type=int, default=1, help="parallel simulations for the matrix (default 1)")
+    p.add_argument("--rescore", metavar="CSV", default=None,
+                   help="re-estimate the setups of a matrix CSV (validation_matrix.csv) keeping its simulations")
     p.add_argument("--no-simulate-runs", action="store_true", help="do not simulate the recorded runs")
     p.set_defaults(func=_run_validate)
 
@@ -266,13 +268,15 @@ def _run_profile(args) -> int:
 
 def _run_validate(args) -> int:
     from .catalog import profiles_dir
-    from .validate import MATRIX_MODELS, matrix_setups, run_matrix, validate_runs, write_report
+    from .validate import MATRIX_MODELS, matrix_setups, rescore_matrix, run_matrix, validate_runs, write_report
 
     console = _console()
     runs_dir = args.runs or str(profiles_dir() / "runs")
     runs = validate_runs(runs_dir, simulate_runs=not args.no_simulate_runs)
     matrix = None
-    if args.matrix:
+    if args.rescore:
+        matrix = rescore_matrix(args.rescore)
+    elif args.matrix:
         models = MATRIX_MODELS
         if args.models:
             models = tuple((m.strip(), {}) for m in args.models.split(",") if m.strip())
@@ -287,6 +291,8 @@ def _run_validate(args) -> int:
 
         matrix = run_matrix(setups, jobs=args.jobs, on_row=progress)
     command = "memplan validate" + (" --matrix" if args.matrix else "") + (f" --jobs {args.jobs}" if args.jobs > 1 else "")
+    if args.rescore:
+        command = f"memplan validate --rescore {args.rescore}"
     paths = write_report(args.out, matrix=matrix, runs=runs, command=command)
     for p in paths:
         console.print(f"wrote {p}")

@@ -29,7 +29,8 @@ from .estimate import COMPONENTS, estimate_for
 from .models import load_model
 from .setups import TrainSetup, resolve_setup
 
-__all__ = ["MatrixRow", "RunRow", "matrix_setups", "compare_setup", "run_matrix", "validate_runs", "write_report"]
+__all__ = ["MatrixRow", "RunRow", "matrix_setups", "compare_setup", "run_matrix", "rescore_matrix",
+           "validate_runs", "write_report"]
 
 
 @dataclass(frozen=True)
@@ -164,6 +165,32 @@ def compare_setup(setup: TrainSetup, *, profiles_dir=None) -> MatrixRow:
     return MatrixRow(resolved.to_dict(), spec.model_type, analytic.total_bytes, sim.total_bytes,
                      dict(analytic.components), dict(sim.components), analytic.peak_phase, sim.peak_phase,
                      time.perf_counter() - t0)
+
+
+def rescore_matrix(csv_path: str | os.PathLike, *, profiles_dir=None) -> list[MatrixRow]:
+    """Re-estimate every setup of a matrix CSV written by ``write_report``, keeping its simulated numbers.
+
+    The simulations do not depend on the analytic model, so after changing the model this re-scores the
+    whole grid in a second instead of re-simulating it for half an hour."""
+    rows: list[MatrixRow] = []
+    with open(csv_path, newline="", encoding="utf-8") as f:
+        for rec in csv.DictReader(f):
+            knobs = {k: rec[k] for k in _SETUP_KEYS}
+            for k in ("bits", "rank", "batch_size", "seq_len"):
+                knobs[k] = int(knobs[k])
+            knobs["lora_dropout"] = float(knobs["lora_dropout"])
+            for k in ("double_quant", "grad_ckpt"):
+                knobs[k] = knobs[k] == "True"
+            setup = TrainSetup(**knobs)
+            spec = load_model(setup.model, profiles_dir=profiles_dir)
+            resolved = resolve_setup(setup, spec)
+            analytic = estimate_for(spec, resolved, include_runtime=False)
+            simulated = {c: int(rec[f"simulated_{c}"]) for c in COMPONENTS}
+            rows.append(MatrixRow(resolved.to_dict(), rec["architecture"], analytic.total_bytes,
+                                  int(rec["simulated_bytes"]), dict(analytic.components), simulated,
+                                  analytic.peak_phase, rec["simulated_phase"], float(rec["sim_seconds"]),
+                                  rec["error"] or None))
+    return rows
 
 
 def _compare_in_worker(setup: TrainSetup) -> MatrixRow:

@@ -92,3 +92,18 @@ def test_simulate_and_validate_commands(tiny_llama, tmp_path, capsys):
     assert main(["validate", "--runs", str(runs), "--out", str(tmp_path / "rep")]) == 0
     md = (tmp_path / "rep" / "validation.md").read_text()
     assert "runs: **1**" in md
+
+
+def test_rescore_recomputes_the_analytic_side_only(tmp_path):
+    from memplan.setups import TrainSetup, resolve_setup
+    from memplan.estimate import estimate_for
+    from memplan.models import load_model
+    from memplan.validate import rescore_matrix
+
+    row = _row("opt-125m", "opt", 1, 123_456_789)
+    spec = load_model("opt-125m")
+    resolved = resolve_setup(TrainSetup(**row.setup), spec)
+    write_report(tmp_path, matrix=[row])
+    (rescored,) = rescore_matrix(tmp_path / "validation_matrix.csv")
+    assert rescored.simulated_bytes == 123_456_789  # kept from the CSV
+    assert rescored.analytic_bytes == estimate_for(spec, resolved, include_runtime=False).total_bytes
