@@ -292,7 +292,8 @@ def _run_validate(args) -> int:
         matrix = run_matrix(setups, jobs=args.jobs, on_row=progress)
     command = "memplan validate" + (" --matrix" if args.matrix else "") + (f" --jobs {args.jobs}" if args.jobs > 1 else "")
     if args.rescore:
-        command = f"memplan validate --rescore {args.rescore}"
+        command = (f"memplan validate --rescore {args.rescore}` (the simulations in that CSV come from "
+                   f"`memplan validate --matrix --jobs 2`")
     paths = write_report(args.out, matrix=matrix, runs=runs, command=command)
     for p in paths:
         console.print(f"wrote {p}")

@@ -75,6 +75,9 @@ DQ_BLOCK = 256
 # (bitsandbytes/optim/optimizer.py: min_8bit_size=4096, blockwise, block size 256).
 BNB_OPT_BLOCK = 256
 BNB_MIN_8BIT_SIZE = 4096
+# bnb paged optimizers page only state of parameters with at least 1e5 values
+# (bitsandbytes/optim/optimizer.py get_state_buffer: ``if not self.is_paged or A.numel() < 1e5``).
+BNB_MIN_PAGED_SIZE = 100_000
 
 # Activation functions and how many ffn-sized tensors they save for backward (transformers/activations.py):
 # relu saves its output; F.gelu / silu / gelu_pytorch_tanh save their input; NewGELUActivation ("gelu_new")
@@ -162,7 +165,7 @@ def estimate_for(spec: ModelSpec, setup: TrainSetup, gpu: GPUSpec | None = None,
     lora_param_bytes = trainable * DTYPE_BYTES[setup.adapter_dtype] if setup.trains_lora else 0
     opt_state_bytes = _optimizer_state_bytes(opt, trainable_tensors)
     opt_temp_bytes = opt.foreach_temp_states * grad_bytes  # same size and dtype as one state (= the grads)
-    paged_bytes = opt_state_bytes if opt.paged else 0
+    paged_bytes = _optimizer_state_bytes(opt, _pageable(trainable_tensors)) if opt.paged else 0
 
     # ---- activations ---------------------------------------------------------------------------------
     # The residual stream's dtype: prepare_model_for_kbit_training upcasts embeddings and norms to fp32, so
@@ -356,6 +359,11 @@ def _lora_tensors(spec: ModelSpec, targets: str, rank: int, b: int) -> tuple[_Te
 
 
 @lru_cache(maxsize=1024)
+def _pageable(tensors: tuple[_Tensor, ...]) -> tuple[_Tensor, ...]:
+    return tuple(t for t in tensors if t.numel >= BNB_MIN_PAGED_SIZE)
+
+
+@lru_cache(maxsize=1024)
 def _trainable_totals(tensors: tuple[_Tensor, ...]) -> tuple[int, int]:
     """(values, gradient bytes) of the trainable tensors."""
     return sum(t.numel for t in tensors), sum(t.numel * t.bytes_per_value for t in tensors)
@@ -406,6 +414,12 @@ def _norm_saved_per_token(spec: ModelSpec, hb: int, width: int, trainable: bool)
 # Architectures whose SDPA call carries an explicit attention mask in transformers 5.23 (gpt_bigcode builds its
 # own), which rules the flash kernel out on CUDA.
 _SDPA_WITH_MASK = frozenset({"gpt_bigcode"})
+# Falcon broadcasts its shared k/v head to every head with ``expand`` (a view, modeling_falcon.py) and calls
+# SDPA without enable_gqa: no GQA kernel constraint and no k/v copies, in SDPA and eager alike.
+_KV_BROADCAST = frozenset({"falcon"})
+# Eager attention that takes the softmax in the input dtype instead of fp32 + cast back: GPT-2
+# (``softmax(attn_weights, dim=-1)`` then ``.type(value.dtype)``), BERT and Falcon (modeling_<type>.py).
+_EAGER_SOFTMAX_IN_INPUT_DTYPE = frozenset({"gpt2", "bert", "falcon"})
 
 
 def _attention_kernel(spec: ModelSpec, attn: str, a: int) -> str:
@@ -419,7 +433,7 @@ def _attention_kernel(spec: ModelSpec, attn: str, a: int) -> str:
     """
     if attn != "sdpa":
         return "flash" if attn == "flash_attention_2" else "eager"
-    gqa = spec.num_key_value_heads < spec.num_attention_heads
+    gqa = spec.num_key_value_heads < spec.num_attention_heads and spec.model_type not in _KV_BROADCAST
     if spec.model_type in _SDPA_WITH_MASK:
         return "math" if gqa else "flash"
     if a < 4 and spec.head_dim <= 256:
@@ -464,8 +478,12 @@ def _layer_activations_cached(spec: ModelSpec, attn: str, lora_dropout: float, a
         # eager_attention_forward and SDPA's math kernel: k and v repeated to every head; the q @ k^T matmul
         # saves q and k; softmax in fp32 saves its output; .to(dtype) makes the half copy that the matmul with v
         # saves, with v.
-        per_tok += a * (q_dim + 2 * q_dim)
-        per_tok_seq += heads * (4 + (a if a < 4 else 0))
+        kv_saved = kv_dim if spec.model_type in _KV_BROADCAST else q_dim
+        per_tok += a * (q_dim + 2 * kv_saved)
+        if kernel == "eager" and spec.model_type in _EAGER_SOFTMAX_IN_INPUT_DTYPE:
+            per_tok_seq += heads * a
+        else:
+            per_tok_seq += heads * (4 + (a if a < 4 else 0))
         if spec.attention_dropout > 0 and kernel == "eager":
             per_tok_seq += heads * (1 + a)  # bool mask + dropped-out probabilities (saved by the matmul)
         if spec.attn_logit_softcapping and kernel == "eager":

@@ -71,10 +71,12 @@ def test_opt13b_peak_is_at_backward_start_with_feasibility_activation_bytes():
     # Outside the layers: input_ids + labels (2 x 8 B) and the final LayerNorm input (2 x 5120 + 8 B).
     extras = (16 + 2 * 5120 + 8) * tokens
     assert e.components["activations"] == layers + extras
-    # Logits at backward start: fp16 logits + fp32 log-softmax + fp32 nll grad + fp32 log-softmax grad
-    # = tokens x vocab x (2 + 12) = 343.66 MiB ("about 344 MiB", feasibility.md §4).
-    assert e.components["logits_loss"] == 512 * 50272 * 14
-    assert round(e.components["logits_loss"] / MiB, 2) == 343.66
+    # Logits at backward start: fp32 log-softmax + fp32 nll grad + fp32 log-softmax grad = tokens x vocab x 12
+    # = 294.56 MiB. feasibility.md §4 lists 49 MiB of fp16 logits besides ("about 344 MiB") because its script
+    # held the model output; a training loop that keeps only the loss (the HF Trainer) has freed them, and
+    # memplan simulate of this setup tracks exactly these three fp32 tensors.
+    assert e.components["logits_loss"] == 512 * 50272 * 12
+    assert round(e.components["logits_loss"] / MiB, 2) == 294.56
 
 
 def test_opt13b_gradient_checkpointing_keeps_layer_inputs_only():
@@ -82,9 +84,10 @@ def test_opt13b_gradient_checkpointing_keeps_layer_inputs_only():
     # 40 layer inputs x 512 tokens x 5120 x 2 B = 200 MiB, plus the same extras as without checkpointing.
     assert e.components["activations"] == 40 * 512 * 5120 * 2 + (16 + 2 * 5120 + 8) * 512
     assert e.peak_phase == "backward_start"
-    # feasibility.md §4 measured 25,119.72 - 24,566.05 = 553.67 MiB of activations + logits with GC.
+    # feasibility.md §4 measured 25,119.72 - 24,566.05 = 553.67 MiB of activations + logits with GC, which
+    # includes the 49 MiB of fp16 logits its script kept alive (see the test above).
     act = (e.components["activations"] + e.components["logits_loss"]) / MiB
-    assert abs(act - 553.67) / 553.67 < 0.02
+    assert abs(act + 49.09 - 553.67) / 553.67 < 0.02
 
 
 def test_qlora_nf4_double_quant_constants_per_layer():
@@ -156,7 +159,8 @@ def test_int8_weights_and_row_scales():
 def test_optimizer_state_bytes(optimizer, expected_state_bytes):
     e = opt13b_lora(optimizer=optimizer)
     assert e.components["optimizer_state"] == expected_state_bytes
-    assert e.paged_bytes == (expected_state_bytes if optimizer.startswith("paged") else 0)
+    # bnb pages only tensors of >= 1e5 values: LoRA r=16 tensors here hold 81,920, so nothing is paged.
+    assert e.paged_bytes == 0
 
 
 def test_adafactor_factored_state():
@@ -289,3 +293,10 @@ def test_tensor_level_estimate_leaves_out_runtime_terms():
     assert tensors.components["cuda_context"] == tensors.components["allocator_overhead"] == 0
     assert full.total_bytes - tensors.total_bytes == (full.components["cuda_context"]
                                                       + full.components["allocator_overhead"] + CUBLAS_WORKSPACE_BYTES)
+
+
+def test_paged_optimizers_page_only_large_tensors():
+    # r=64: lora_A 64 x 5120 = 327,680 values (>= 1e5, paged). 8-bit AdamW: 2 x (327,680 + 1,280 x 4) B per
+    # tensor; 80 modules x 2 tensors.
+    e = opt13b_lora(rank=64, optimizer="paged_adamw_8bit")
+    assert e.paged_bytes == e.components["optimizer_state"] == 80 * 2 * 2 * (327_680 + 1_280 * 4)
