@@ -13,12 +13,11 @@ Resolution order of ``profiles_dir()``:
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from .fileio import read_json as _read_json
 
 __all__ = ["PROFILES_ENV", "profiles_dir", "read_json"]
 
@@ -42,15 +41,5 @@ def profiles_dir(override: str | os.PathLike[str] | None = None) -> Path:
 
 
 def read_json(path: str | os.PathLike[str]) -> Any:
-    """Parse a JSON file; a missing/unreadable file or bad JSON raises ``ConfigError`` naming the path."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: file not found (set {PROFILES_ENV} to a folder holding it)") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read: {exc}") from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+    """Parse a catalog JSON file; a missing/unreadable file or bad JSON raises ``ConfigError`` naming the path."""
+    return _read_json(path, missing=f"file not found (set {PROFILES_ENV} to a folder holding it)")

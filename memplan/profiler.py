@@ -60,6 +60,7 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from .errors import MemplanError
+from .fileio import write_atomic
 from .runs import RunRecord, save_run
 
 __all__ = [
@@ -1184,10 +1185,7 @@ def _isolated_main() -> None:  # pragma: no cover - runs in the child process
     except BaseException as exc:  # noqa: BLE001 - e.g. InvalidSetupError: re-raised in the parent
         mine = isinstance(exc, MemplanError)
         msg = {"kind": "raise", "message": str(exc) if mine else f"{type(exc).__name__}: {exc}", "memplan": mine}
-    tmp = req["result"] + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(msg, f)
-    os.replace(tmp, req["result"])
+    write_atomic(req["result"], lambda f: json.dump(msg, f))  # the parent reads it whole or not at all
 
 
 def _placeholder_record(setup, kwargs: dict, outcome: str, error: str, error_type: str) -> RunRecord:

@@ -40,7 +40,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 import uuid
 import warnings
 from dataclasses import asdict, dataclass, field, fields
@@ -49,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import MemplanError
+from .fileio import read_json, write_atomic
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -197,20 +197,6 @@ def record_filename(record: RunRecord) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ I/O
-def _fsync_dir(d: Path) -> None:
-    """Make the rename durable (POSIX); a no-op where directories cannot be opened (Windows)."""
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_run(record: RunRecord, out_dir: str | os.PathLike) -> Path:
     """Write ``record`` as one JSON file in ``out_dir`` (created if needed), atomically, and return its path.
 
@@ -230,25 +216,9 @@ def save_run(record: RunRecord, out_dir: str | os.PathLike) -> Path:
         path = out / f"{name[:-5]}-{n}.json"
         n += 1
     try:
-        fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as exc:
-        raise RunRecordError(f"{path}: cannot write run record: {exc}") from exc
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            json.dump(record.to_dict(), f, indent=2, allow_nan=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(exc, Exception):
-            raise RunRecordError(f"{path}: cannot write run record: {type(exc).__name__}: {exc}") from exc
-        raise  # KeyboardInterrupt / SystemExit: cleaned up, propagate unchanged
-    _fsync_dir(out)
+        write_atomic(path, lambda f: (json.dump(record.to_dict(), f, indent=2, allow_nan=False), f.write("\n")))
+    except Exception as exc:  # KeyboardInterrupt / SystemExit propagate unchanged (the temp file is gone)
+        raise RunRecordError(f"{path}: cannot write run record: {type(exc).__name__}: {exc}") from exc
     record.path = str(path)
     return path
 
@@ -256,16 +226,7 @@ def save_run(record: RunRecord, out_dir: str | os.PathLike) -> Path:
 def load_run(path: str | os.PathLike) -> RunRecord:
     """Read and validate one record; ``RunRecordError`` naming the file for anything wrong with it."""
     p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise RunRecordError(f"{p}: no such run record") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise RunRecordError(f"{p}: cannot read run record: {exc}") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise RunRecordError(f"{p}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+    data = read_json(p, error=RunRecordError, missing="no such run record", what=" run record")
     try:
         return RunRecord.from_dict(data, source=p)
     except TypeError as exc:  # a field of the wrong shape reaching the dataclass

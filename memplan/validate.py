@@ -20,12 +20,12 @@ from __future__ import annotations
 import csv
 import os
 import statistics
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .estimate import COMPONENTS, estimate_for
+from .fileio import write_atomic
 from .models import load_model
 from .setups import TrainSetup, resolve_setup
 
@@ -277,17 +277,7 @@ def _summary(ratios: list[float]) -> dict:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, lambda f: f.write(text))
 
 
 def _csv_text(header: list[str], rows: list[list]) -> str:
@@ -447,10 +437,9 @@ def _plot(path: Path, matrix: list[MatrixRow], runs: list[RunRow]) -> Path | Non
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, ncol=2, loc="upper left")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        write_atomic(path, lambda f: fig.savefig(f, format="png"), binary=True)
+    finally:
+        plt.close(fig)
     return path
 
