@@ -45,6 +45,10 @@ _KNOBS: list[tuple[str, str, dict]] = [
 ]
 
 
+# What simulate / profile / validate import lazily (the `profile` and `report` extras).
+_HEAVY_PACKAGES = frozenset({"torch", "transformers", "peft", "bitsandbytes", "accelerate", "pynvml", "matplotlib"})
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse that reports a usage error as one line and exit code 2."""
 
@@ -355,6 +359,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MemplanError as exc:
         sys.stderr.write(f"memplan {args.command}: error: {exc}\n")
         return 2
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.split(".")[0] in _HEAVY_PACKAGES:
+            sys.stderr.write(f"memplan {args.command}: error: this command needs {exc.name.split('.')[0]}, which is "
+                             f"not installed; install the measurement stack with: pip install 'memplan[profile]'\n")
+            return 2
+        raise
     except KeyboardInterrupt:
         sys.stderr.write("memplan: interrupted\n")
         return 130

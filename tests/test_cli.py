@@ -135,3 +135,15 @@ def test_python_dash_m_entry_point():
                           text=True)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["params"]["total"] == 124_439_808
+
+
+def test_measurement_commands_without_torch_say_what_to_install(monkeypatch, capsys):
+    # Simulate a core-only install: importing torch fails.
+    monkeypatch.setitem(sys.modules, "torch", None)
+    monkeypatch.delitem(sys.modules, "memplan.trace", raising=False)
+    monkeypatch.delitem(sys.modules, "memplan.tracker", raising=False)
+    monkeypatch.delitem(sys.modules, "memplan.build", raising=False)
+    code = main(["simulate", "gpt2"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "needs torch" in err and "memplan[profile]" in err and len(err.strip().splitlines()) == 1
