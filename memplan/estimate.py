@@ -81,9 +81,11 @@ BNB_MIN_PAGED_SIZE = 100_000
 
 # Activation functions and how many ffn-sized tensors they save for backward (transformers/activations.py):
 # relu saves its output; F.gelu / silu / gelu_pytorch_tanh save their input; NewGELUActivation ("gelu_new")
-# is written in Python and saves input, tanh output, 0.5*input and 1+tanh: four tensors.
+# is written in Python and saves input, tanh output, 0.5*input and 1+tanh: four tensors; FastGELUActivation
+# ("gelu_fast", 0.5*x*(1+tanh(x*0.7978845608*(1+0.044715*x*x)))) saves seven: x, 0.044715*x, 0.79788*x,
+# 1+0.044715*x*x, the tanh output, 0.5*x and 1+tanh (each tensor-tensor mul saves both operands).
 _ACT_SAVED = {"relu": 1, "gelu": 1, "gelu_pytorch_tanh": 1, "silu": 1, "swish": 1, "gelu_new": 4,
-              "gelu_fast": 4, "quick_gelu": 2, "bloom_gelu": 1}
+              "gelu_fast": 7, "quick_gelu": 2, "bloom_gelu": 1}
 
 
 @dataclass(frozen=True)
@@ -411,9 +413,6 @@ def _norm_saved_per_token(spec: ModelSpec, hb: int, width: int, trainable: bool)
     return saved
 
 
-# Architectures whose SDPA call carries an explicit attention mask in transformers 5.23 (gpt_bigcode builds its
-# own), which rules the flash kernel out on CUDA.
-_SDPA_WITH_MASK = frozenset({"gpt_bigcode"})
 # Falcon broadcasts its shared k/v head to every head with ``expand`` (a view, modeling_falcon.py) and calls
 # SDPA without enable_gqa: no GQA kernel constraint and no k/v copies, in SDPA and eager alike.
 _KV_BROADCAST = frozenset({"falcon"})
@@ -434,8 +433,8 @@ def _attention_kernel(spec: ModelSpec, attn: str, a: int) -> str:
     if attn != "sdpa":
         return "flash" if attn == "flash_attention_2" else "eager"
     gqa = spec.num_key_value_heads < spec.num_attention_heads and spec.model_type not in _KV_BROADCAST
-    if spec.model_type in _SDPA_WITH_MASK:
-        return "math" if gqa else "flash"
+    # gpt_bigcode too: in transformers 5.23 it builds its mask with masking_utils.create_causal_mask (None for an
+    # unpadded batch) and calls integrations/sdpa_attention.py, so multi-query attention is GQA with enable_gqa.
     if a < 4 and spec.head_dim <= 256:
         return "flash"
     return "math" if gqa and spec.head_dim <= 256 else "flash"
@@ -484,8 +483,12 @@ def _layer_activations_cached(spec: ModelSpec, attn: str, lora_dropout: float, a
             per_tok_seq += heads * a
         else:
             per_tok_seq += heads * (4 + (a if a < 4 else 0))
-        if spec.attention_dropout > 0 and kernel == "eager":
-            per_tok_seq += heads * (1 + a)  # bool mask + dropped-out probabilities (saved by the matmul)
+        if spec.attention_dropout > 0:
+            # bool mask + dropped-out probabilities (saved by the matmul). Eager: F.dropout; SDPA's math kernel
+            # (aten/src/ATen/native/transformers/attention.cpp _scaled_dot_product_attention_math) calls
+            # at::dropout, which is native_dropout for CUDA tensors (aten/src/ATen/native/Dropout.cpp
+            # is_fused_kernel_acceptable).
+            per_tok_seq += heads * (1 + a)
         if spec.attn_logit_softcapping and kernel == "eager":
             per_tok_seq += heads * a  # tanh output saved (gemma-2 softcapping)
     if spec.model_type == "phi3":
