@@ -475,20 +475,29 @@ def _layer_activations_cached(spec: ModelSpec, attn: str, lora_dropout: float, a
         per_tok += a * (q_dim + 2 * kv_dim + q_dim) + 4 * heads
     else:
         # eager_attention_forward and SDPA's math kernel: k and v repeated to every head; the q @ k^T matmul
-        # saves q and k; softmax in fp32 saves its output; .to(dtype) makes the half copy that the matmul with v
-        # saves, with v.
+        # saves q and k.
         kv_saved = kv_dim if spec.model_type in _KV_BROADCAST else q_dim
         per_tok += a * (q_dim + 2 * kv_saved)
+        # The probabilities, per head and (token x position):
+        # - eager, softmax in the input dtype (gpt2, bert, falcon): softmax saves its output;
+        # - eager, softmax(dtype=float32).to(dtype) (the rest): softmax saves its fp32 output, and in half
+        #   precision the .to(dtype) copy is what the matmul with v saves;
+        # - SDPA's math kernel (attention.cpp _scaled_dot_product_attention_math): fp32 throughout; the
+        #   matmul with v saves the softmax output itself and the half weights copy it returns is dropped.
+        # With attention dropout the matmul saves the dropped-out probabilities instead (dropout keeps only a
+        # bool mask, so a half .to(dtype) copy is freed once dropped out): eager's F.dropout, and the math
+        # kernel's at::dropout, are native_dropout for CUDA tensors (aten/src/ATen/native/Dropout.cpp
+        # is_fused_kernel_acceptable). tests/test_trace.py checks the math kernel op for op.
         if kernel == "eager" and spec.model_type in _EAGER_SOFTMAX_IN_INPUT_DTYPE:
-            per_tok_seq += heads * a
+            probs_bytes, copy_bytes, matmul_dtype_bytes = a, 0, a
+        elif kernel == "eager":
+            probs_bytes, copy_bytes, matmul_dtype_bytes = 4, (a if a < 4 else 0), a
         else:
-            per_tok_seq += heads * (4 + (a if a < 4 else 0))
+            probs_bytes, copy_bytes, matmul_dtype_bytes = 4, 0, 4
         if spec.attention_dropout > 0:
-            # bool mask + dropped-out probabilities (saved by the matmul). Eager: F.dropout; SDPA's math kernel
-            # (aten/src/ATen/native/transformers/attention.cpp _scaled_dot_product_attention_math) calls
-            # at::dropout, which is native_dropout for CUDA tensors (aten/src/ATen/native/Dropout.cpp
-            # is_fused_kernel_acceptable).
-            per_tok_seq += heads * (1 + a)
+            per_tok_seq += heads * (probs_bytes + 1 + matmul_dtype_bytes)
+        else:
+            per_tok_seq += heads * (probs_bytes + copy_bytes)
         if spec.attn_logit_softcapping and kernel == "eager":
             per_tok_seq += heads * a  # tanh output saved (gemma-2 softcapping)
     if spec.model_type == "phi3":

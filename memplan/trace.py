@@ -24,7 +24,9 @@ in what differs on CUDA, restoring everything on exit:
 - attention: ``F.scaled_dot_product_attention`` picks the kernel CUDA would (flash for fp16/bf16 without a
   mask on compute capability >= 8.0, else memory-efficient, else math -- e.g. fp32 with GQA) and calls
   ``aten._scaled_dot_product_flash_attention`` / ``_efficient_attention`` directly; their fake kernels save
-  the output and an fp32 logsumexp instead of the CPU kernels' buffers. ``flash_attention_2`` setups use an
+  the output and an fp32 logsumexp instead of the CPU kernels' buffers; the math kernel runs as ``sdpa_math``,
+  the aten composite op for op, with CUDA's bool-mask dropout in place of at::dropout's CPU composite.
+  ``flash_attention_2`` setups use an
   attention function registered as ``simattn`` (transformers rejects names containing "flash" without the
   flash_attn package) that calls the flash op like flash_attn does: fp32 inputs cast to the compute dtype,
   grouped-query k/v passed as they are (the op does not need equal heads, as flash_attn does not).
@@ -407,8 +409,10 @@ def _cuda_patches(spec, setup, gpu):
             lse = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
             return torch.ops.aten._scaled_dot_product_efficient_attention(
                 query, key, value, attn_mask, lse, dropout_p, is_causal, scale=scale)[0]
-        return torch.ops.aten._scaled_dot_product_attention_math(
-            query, key, value, attn_mask, dropout_p, is_causal, None, scale=scale, enable_gqa=enable_gqa)[0]
+        # The math kernel is a composite that calls at::dropout, which is the float-mask composite for CPU
+        # tensors; on CUDA it is native_dropout with a bool mask. Same ops, CUDA's dropout.
+        return sdpa_math(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                         dropout=_native_dropout)[0]
 
     target_dtype = TORCH_DTYPES[setup.dtype]
 
@@ -460,6 +464,53 @@ def _cuda_patches(spec, setup, gpu):
         if setup.bits == 8:
             notes.append("int8: simulated through bitsandbytes' CUDA MatMul8bitLt without outlier columns "
                          "(llm_int8_threshold treated as 0; real outliers add a few columns of the input)")
+
+
+def _native_dropout(x, p: float, train: bool):
+    # aten/src/ATen/native/Dropout.cpp dropout(): is_fused_kernel_acceptable (CUDA, 0 < p < 1, numel > 0)
+    if train and 0.0 < p < 1.0 and x.numel() > 0:
+        return torch.native_dropout(x, p, True)[0]
+    return torch.dropout(x, p, train)
+
+
+def sdpa_math(query, key, value, attn_mask=None, dropout_p: float = 0.0, is_causal: bool = False, scale=None,
+              enable_gqa: bool = False, *, dropout=torch.dropout):
+    """``aten._scaled_dot_product_attention_math`` op for op, with the dropout call as a parameter.
+
+    The math kernel is CompositeImplicitAutograd (aten/src/ATen/native/transformers/attention.cpp): autograd
+    records its constituent ops, so this Python copy builds the same graph and saves the same tensors
+    (tests/test_trace.py checks it against the aten op, allocation by allocation). Half inputs are computed
+    in fp32; q and k are each scaled by sqrt(scale); a causal mask is a fresh bool tril turned additive;
+    grouped-query k/v are repeat_interleave'd (unsqueeze, expand, clone); the mask is added out of place
+    (the path aten takes for tensor subclasses and under dispatch modes, i.e. in every tracked run); softmax
+    is ``_safe_softmax``; then dropout, the attention-weights copy in the input dtype, and attn @ v.
+    Returns (output, attention weights) like the aten op."""
+    import math
+
+    origin = query.dtype
+    if origin in (torch.float16, torch.bfloat16):
+        # query_acc / key_acc / value_acc: held until the kernel returns, as the C++ locals are
+        query, key, value = query.float(), key.float(), value.float()
+    scale_value = scale if scale is not None else 1.0 / math.sqrt(query.size(-1))
+    factor = math.sqrt(abs(scale_value))
+    q = torch.ops.aten.mul.Scalar(query, -factor if scale_value < 0 else factor)
+    if is_causal:
+        causal = torch.ones(query.size(-2), key.size(-2), dtype=torch.bool, device=query.device).tril()
+        neg_inf = torch.scalar_tensor(float("-inf"), dtype=q.dtype, device=q.device)
+        attn_mask = torch.where(causal, torch.scalar_tensor(0.0, dtype=q.dtype, device=q.device), neg_inf)
+        del causal, neg_inf
+    key_expanded, value_expanded = key, value
+    if enable_gqa and not (query.size(-3) == key.size(-3) == value.size(-3)):
+        key_expanded = key.repeat_interleave(query.size(-3) // key.size(-3), -3)
+        value_expanded = value.repeat_interleave(query.size(-3) // value.size(-3), -3)
+    attn = torch.matmul(q, torch.ops.aten.mul.Scalar(key_expanded.transpose(-2, -1), factor))
+    if attn_mask is not None:
+        attn = attn.add(attn_mask)
+    attn = torch.ops.aten._safe_softmax(attn, -1)
+    if dropout_p > 0.0:
+        attn = dropout(attn, dropout_p, True)
+    weights = attn.to(origin)  # evaluated before the matmul (make_tuple's arguments, right to left)
+    return torch.matmul(attn, value_expanded).to(origin), weights
 
 
 def _sdpa_kernel(query, key, attn_mask, enable_gqa: bool, cc: float) -> str:

@@ -271,6 +271,53 @@ def test_cuda_semantics_bool_dropout_masks_are_smaller(opt_spec):
     assert any("flash" in n or "efficient" in n for n in cuda.notes)
 
 
+def _alive_after_each_allocation(fn, dtype, *, causal, mask, gqa, dropout_p):
+    """The bytes alive right after every allocation of one attention forward + backward: equal curves mean
+    equal peaks at every point (frees between two allocations may come in any order)."""
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 8, 16, dtype=dtype, requires_grad=True)
+    k, v = (torch.randn(2, 1 if gqa else 4, 8, 16, dtype=dtype, requires_grad=True) for _ in range(2))
+    attn_mask = {None: None, "bool": torch.ones(8, 8, dtype=torch.bool).tril(),
+                 "float": torch.zeros(2, 1, 8, 8, dtype=dtype)}[mask]
+    trk = MemoryTracker()
+    with trk:
+        out = fn(q, k, v, attn_mask, dropout_p, causal, None, enable_gqa=gqa)[0]
+        out.float().sum().backward()
+    born, died, size = trk._born, trk._died, trk._size
+    return [sum(size[j] for j in range(len(size)) if born[j] <= born[i] and (died[j] < 0 or died[j] > born[i]))
+            for i in range(len(size))]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("causal,mask", [(True, None), (False, None), (False, "bool"), (False, "float")])
+@pytest.mark.parametrize("gqa", [True, False])
+def test_python_math_attention_allocates_like_the_aten_kernel(dtype, causal, mask, gqa):
+    """trace.sdpa_math (used under CUDA semantics so that its dropout can be CUDA's) is the aten math kernel
+    op for op: with at::dropout it allocates and frees exactly as the aten op does, forward and backward."""
+    from memplan.trace import sdpa_math
+
+    def aten(q, k, v, m, p, c, s, enable_gqa):
+        return torch.ops.aten._scaled_dot_product_attention_math(q, k, v, m, p, c, None, scale=s,
+                                                                  enable_gqa=enable_gqa)
+
+    kw = dict(causal=causal, mask=mask, gqa=gqa, dropout_p=0.1)
+    assert (_alive_after_each_allocation(sdpa_math, getattr(torch, dtype), **kw)
+            == _alive_after_each_allocation(aten, getattr(torch, dtype), **kw))
+
+
+def test_cuda_math_attention_keeps_a_bool_dropout_mask():
+    """Under CUDA semantics the math kernel's dropout keeps a bool mask: 3 bytes less per fp32 probability."""
+    from memplan.trace import _native_dropout, sdpa_math
+
+    def run(dropout):
+        return max(_alive_after_each_allocation(
+            lambda *a, **k: sdpa_math(*a, **k, dropout=dropout), torch.float32,
+            causal=True, mask=None, gqa=True, dropout_p=0.1))
+
+    probs = 2 * 4 * 8 * 8
+    assert run(torch.dropout) - run(_native_dropout) == 3 * probs
+
+
 def test_cuda_semantics_restores_every_patch(opt_spec):
     import bitsandbytes as bnb
     import transformers
