@@ -34,6 +34,8 @@ _EXPORTS = {
     "UnknownGPUError": "errors",
     "InvalidSetupError": "errors",
     "ConfigError": "errors",
+    "WontFitError": "errors",
+    "UnreadableModelError": "errors",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

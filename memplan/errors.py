@@ -12,6 +12,8 @@ __all__ = [
     "UnknownGPUError",
     "InvalidSetupError",
     "ConfigError",
+    "WontFitError",
+    "UnreadableModelError",
     "close_matches",
 ]
 
@@ -34,6 +36,22 @@ class InvalidSetupError(MemplanError):
 
 class ConfigError(MemplanError):
     """A config file (config.json, catalog entry) that cannot be read or lacks a required field."""
+
+
+class WontFitError(MemplanError):
+    """``memplan.preflight``: the planned run does not fit the memory available. ``estimate`` is the
+    ``Estimate`` of the run as configured, ``budget_bytes`` what it was compared with, and ``changes`` the
+    smallest single changes that would fit (``memplan.fit.Change``), best first."""
+
+    def __init__(self, message: str, *, estimate=None, budget_bytes: int = 0, changes=()):
+        super().__init__(message)
+        self.estimate = estimate
+        self.budget_bytes = budget_bytes
+        self.changes = tuple(changes)
+
+
+class UnreadableModelError(MemplanError):
+    """An object passed as a model that memplan cannot read (not a transformers / peft model)."""
 
 
 def close_matches(word: str, candidates: Iterable[str], n: int = 3) -> list[str]:
