@@ -35,6 +35,9 @@ _EXPORTS = {
     "InvalidSetupError": "errors",
     "ConfigError": "errors",
     "WontFitError": "errors",
+    "preflight": "check",
+    "NoDeviceError": "check",
+    "PreflightWarning": "check",
     "UnreadableModelError": "errors",
 }
 

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from .gpus import GPUSpec
     from .models import ModelSpec
 
-__all__ = ["FitResult", "NextStep", "fit", "fit_for", "SEARCH_BITS", "SEARCH_RANKS", "SEARCH_OPTIMIZERS"]
+__all__ = ["FitResult", "NextStep", "Change", "fit", "fit_for", "smallest_changes", "SEARCH_BITS", "SEARCH_RANKS", "SEARCH_OPTIMIZERS"]
 
 SEARCH_BITS = (16, 8, 4)
 SEARCH_RANKS = (64, 32, 16, 8)
@@ -254,3 +254,73 @@ def _smallest_gpu(spec: ModelSpec, setup: TrainSetup, headroom: float, profiles_
         if estimate_for(spec, resolved, card).total_bytes <= card.total_bytes - card.headroom_bytes(headroom):
             return card.name
     return None
+
+
+# ------------------------------------------------------------------------------------------ one-knob changes
+
+
+@dataclass(frozen=True)
+class Change:
+    """One change to a setup that does not fit, with the estimate after it (``memplan.preflight``)."""
+
+    fields: dict  # TrainSetup field -> new value
+    estimate: Estimate
+    description: str  # "batch size 8 -> 4 (gradient_accumulation_steps x2 keeps the effective batch)"
+
+    def to_dict(self) -> dict:
+        return {"fields": dict(self.fields), "description": self.description,
+                "total_bytes": self.estimate.total_bytes}
+
+
+def smallest_changes(spec: ModelSpec, setup: TrainSetup, gpu: GPUSpec | None, budget_bytes: int) -> tuple[Change, ...]:
+    """The single changes to a resolved ``setup`` after which it fits ``budget_bytes`` (estimate total, CUDA
+    context included), least disruptive first: a smaller micro-batch (the largest that fits; gradient
+    accumulation keeps the effective batch, so the optimisation is unchanged), gradient checkpointing (~30%
+    slower, same result), a paged 8-bit optimizer (bitsandbytes' 8-bit AdamW: near-identical training, state
+    paged to host memory under pressure), then lower precision of the frozen weights (8-bit, then 4-bit NF4 +
+    double quant: a change of the model being tuned). Empty when no single change is enough; then
+    ``fit_for`` with nothing pinned but the sequence length is the answer."""
+    out: list[Change] = []
+
+    def est(s: TrainSetup) -> Estimate | None:
+        try:
+            return estimate_for(spec, resolve_setup(s, spec, gpu), gpu)
+        except InvalidSetupError:
+            return None
+
+    def add(fields: dict, description: str) -> None:
+        e = est(replace(setup, **fields))
+        if e is not None and e.total_bytes <= budget_bytes:
+            out.append(Change(fields, e, description))
+
+    if setup.batch_size > 1:
+        lo, hi, best = 1, setup.batch_size - 1, None
+        while lo <= hi:  # memory grows with the batch: bisect the largest one that fits
+            mid = (lo + hi) // 2
+            e = est(replace(setup, batch_size=mid))
+            if e is not None and e.total_bytes <= budget_bytes:
+                best, lo = (mid, e), mid + 1
+            else:
+                hi = mid - 1
+        if best is not None:
+            # Prefer a divisor of the batch: gradient accumulation then keeps the effective batch exactly.
+            b_any = best[0]
+            b = max(d for d in range(1, b_any + 1) if setup.batch_size % d == 0)
+            e = best[1] if b == b_any else est(replace(setup, batch_size=b))
+            largest = f"; {b_any} is the largest that fits" if b != b_any else ""
+            out.append(Change({"batch_size": b}, e,
+                              f"micro-batch {setup.batch_size} -> {b} with gradient_accumulation_steps "
+                              f"x{setup.batch_size // b} (the same effective batch{largest})"))
+    if not setup.grad_ckpt:
+        add({"grad_ckpt": True}, "gradient checkpointing on (recomputes the forward: ~30% slower)")
+    if setup.optimizer not in ("paged_adamw_8bit", "paged_adam_8bit", "paged_lion_8bit", "sgd"):
+        add({"optimizer": "paged_adamw_8bit"}, f"optimizer {setup.optimizer} -> paged_adamw_8bit (bitsandbytes)")
+    if setup.method != "full":
+        if setup.bits in (16, 32):
+            add({"bits": 8, "method": "lora", "dtype": None if setup.bits == 32 else setup.dtype},
+                f"{setup.bits}-bit -> 8-bit (LLM.int8) base weights")
+        if setup.bits != 4:
+            add({"bits": 4, "method": "qlora", "quant_type": "nf4", "double_quant": True,
+                 "dtype": None if setup.bits == 32 else setup.dtype},
+                f"{setup.bits}-bit -> 4-bit NF4 + double quant base weights (QLoRA)")
+    return tuple(out)

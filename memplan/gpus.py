@@ -36,6 +36,7 @@ __all__ = [
     "load_gpu",
     "custom_gpu",
     "detect_local_gpu",
+    "gpu_from_device",
     "normalize_gpu_name",
 ]
 
@@ -380,9 +381,15 @@ def detect_local_gpu(*, profiles_dir=None) -> GPUSpec | None:
     if device is None:
         return None
     nvml_name, total, cc = device
+    return gpu_from_device(nvml_name, total, cc, source=f"NVML on this machine: {nvml_name}, {total // MiB} MiB",
+                           profiles_dir=profiles_dir)
+
+
+def gpu_from_device(nvml_name: str, total: int, cc: str, *, source: str, profiles_dir=None) -> GPUSpec:
+    """A ``GPUSpec`` for a card a driver describes (name, total bytes, compute capability): its catalog entry
+    with the reported memory when name and memory match, else an ad-hoc card with its family's context."""
     cat = _load_catalog(profiles_dir)
     spec = cat.find(nvml_name)
-    source = f"NVML on this machine: {nvml_name}, {total // MiB} MiB"
     if spec is not None and abs(total - spec.total_bytes) <= _DETECT_MEMORY_TOLERANCE * spec.total_bytes:
         return replace(spec, total_bytes=total, source=f"{source} (catalog entry {spec.id})")
     family = spec.family if spec is not None else _CC_FAMILY.get(cc, "unknown")

@@ -231,7 +231,9 @@ def validate_runs(runs_dir: str | os.PathLike, *, simulate_runs: bool = True) ->
         if getattr(record, "outcome", None) != "ok":
             continue
         setup = TrainSetup(**record.setup)
-        spec = load_model(setup.model)
+        spec = _record_spec(record, setup)
+        if spec is None:
+            continue
         resolved = resolve_setup(setup, spec)
         peak = record.peak or {}
         notes: list[str] = []
@@ -249,15 +251,34 @@ def validate_runs(runs_dir: str | os.PathLike, *, simulate_runs: bool = True) ->
             notes.append("the analytic model follows CUDA semantics (bool dropout masks, flash attention)")
         simulated = None
         if simulate_runs:
-            from .trace import simulate
+            from .trace import simulate_for
 
             try:
-                simulated = simulate(resolved, device_semantics=semantics).total_bytes
+                simulated = simulate_for(spec, resolved, device_semantics=semantics).total_bytes
             except Exception as exc:  # noqa: BLE001
                 notes.append(f"simulation failed: {type(exc).__name__}: {exc}")
         rows.append(RunRow(str(getattr(record, "path", "")), resolved.to_dict(), record.device, record.outcome,
                            measured, kind, analytic, simulated, tuple(notes)))
     return rows
+
+
+def _record_spec(record, setup):
+    """The model of a run record: its catalog name / config path, else the config.json values a
+    ``MemplanCallback`` record carries (``model_config``: a model built from a config has no name to load).
+    None (with a warning) when neither works: one unreadable record must not stop the report."""
+    import warnings
+
+    from .errors import MemplanError
+    from .models import spec_from_config
+
+    config = (getattr(record, "extra", None) or {}).get("model_config")
+    try:
+        if isinstance(config, dict):
+            return spec_from_config(config, name=setup.model)
+        return load_model(setup.model)
+    except MemplanError as exc:
+        warnings.warn(f"{getattr(record, 'path', '')}: skipped: {exc}", stacklevel=3)
+        return None
 
 
 # ---- the report -------------------------------------------------------------------------------------------

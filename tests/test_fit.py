@@ -123,3 +123,29 @@ def test_pinned_combination_that_cannot_run_is_an_error():
 
     with pytest.raises(InvalidSetupError, match="lora-dropout 0"):
         _fit(model="mixtral-8x7b", gpu="h200", targets="all-linear", bits=16, pinned={"targets", "bits"})
+
+
+def test_smallest_changes_each_fit_on_their_own():
+    """memplan.preflight's suggestions: single changes, each under the budget, least disruptive first; the
+    micro-batch is a divisor of the old one (gradient accumulation keeps the effective batch exactly)."""
+    from memplan.estimate import estimate_for
+    from memplan.fit import smallest_changes
+    from memplan.gpus import load_gpu
+    from memplan.models import load_model
+    from memplan.setups import TrainSetup, resolve_setup
+
+    spec, gpu = load_model("llama-2-7b-hf"), load_gpu("3090")
+    setup = resolve_setup(TrainSetup("llama-2-7b-hf", batch_size=8, seq_len=512), spec, gpu)
+    budget = gpu.total_bytes - gpu.headroom_bytes()
+    assert estimate_for(spec, setup, gpu).total_bytes > budget
+    changes = smallest_changes(spec, setup, gpu, budget)
+    assert [list(c.fields) for c in changes][:2] == [["batch_size"], ["grad_ckpt"]]
+    for c in changes:
+        assert c.estimate.total_bytes <= budget
+        changed = {k for k, v in c.estimate.setup.to_dict().items() if v != getattr(setup, k)}
+        assert changed <= set(c.fields) | {"method"}
+    b = changes[0].fields["batch_size"]
+    assert 8 % b == 0
+    # the next divisor up does not fit
+    bigger = resolve_setup(setup.with_(batch_size=b * 2), spec, gpu)
+    assert estimate_for(spec, bigger, gpu).total_bytes > budget
