@@ -210,7 +210,10 @@ def read_live_model(model) -> LiveModelInfo:
         upcast = False  # wrapped by peft with half norms: prepare_model_for_kbit_training was not called
     trains_all = lora is None and total > 0 and trainable == total
     attn = getattr(config, "_attn_implementation", None) or cfg.get("_attn_implementation")
-    grad_ckpt = bool(getattr(model, "is_gradient_checkpointing", False))
+    # transformers 5 renamed it is_activation_checkpointing (the old name warns); peft forwards both
+    grad_ckpt = bool(getattr(model, "is_activation_checkpointing", None)
+                     if hasattr(model, "is_activation_checkpointing")
+                     else getattr(model, "is_gradient_checkpointing", False))
     return LiveModelInfo(config=cfg, name=str(name), params_total=total, params_trainable=trainable,
                          params_quantized=quantized, values_by_dtype=values, bytes_by_dtype=nbytes, bits=bits,
                          quant_type=quant_type, double_quant=nested if bits4 else None, compute_dtype=compute,
@@ -498,9 +501,9 @@ def _wont_fit_message(est: Estimate, budget: int, what: str, changes) -> str:
     from .render import describe_setup
 
     over = est.total_bytes - budget
-    lines = [f"{est.setup.model} will not fit: {describe_setup(est)} needs an estimated "
-             f"{format_gib(est.total_bytes, 2)} at its peak ({est.peak_phase}); {format_gib(budget, 2)} is "
-             f"available ({what}), {format_gib(over, 2)} short.",
+    lines = [f"{est.setup.model} will not fit: an estimated {format_gib(est.total_bytes, 2)} at its peak "
+             f"({est.peak_phase}), {format_gib(budget, 2)} available ({what}): {format_gib(over, 2)} short.",
+             f"Plan: {describe_setup(est)}.",
              "Where it goes: " + ", ".join(f"{k} {format_gib(v, 2)}" for k, v in
                                             sorted(est.components.items(), key=lambda kv: -kv[1]) if v > 0)]
     if changes:

@@ -368,3 +368,21 @@ def test_callback_record_validates(model_dir, tmp_path):
         (row,) = validate_runs(tmp_path / "runs", simulate_runs=False)
     assert row.measured_bytes == cb.record.peak["tensor_peak_bytes"]
     assert 0.8 < row.analytic_bytes / row.measured_bytes < 1.25
+
+
+def test_the_readme_training_script_runs(model_dir, tmp_path):
+    """examples/train_qlora.py (the README's training-script example, verbatim) on the CPU: preflight by
+    folder, QLoRA load, Trainer with the callback, a run record."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    script = root / "examples" / "train_qlora.py"
+    assert script.read_text() in (root / "README.md").read_text()  # the README shows this very file
+    out = subprocess.run([sys.executable, str(script), model_dir, "--seq-len", "32", "--batch-size", "2",
+                          "--steps", "2", "--cpu", "--budget-gib", "1"], cwd=tmp_path, capture_output=True, text=True,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "memplan: peak" in out.stdout
+    (record,) = (tmp_path / "profiles" / "runs").glob("*.json")
+    data = json.loads(record.read_text())
+    assert data["outcome"] == "ok" and data["setup"]["bits"] == 4 and data["setup"]["rank"] == 16
