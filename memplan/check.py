@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from .errors import InvalidSetupError, MemplanError, UnreadableModelError, WontFitError
@@ -283,59 +283,32 @@ def _as_dict(obj, what: str) -> dict:
     raise InvalidSetupError(f"cannot read {what} from {type(obj).__name__!r}; pass the object or its to_dict()")
 
 
+def _mapped(obj, fmt: str, what: str) -> dict:
+    """``TrainSetup`` fields from a config object through ``memplan.configs``' table for ``fmt`` (the same
+    mapping as ``memplan estimate --config``)."""
+    from .configs import map_training_config
+
+    if obj is None:
+        return {}
+    cfg = map_training_config(_as_dict(obj, what), fmt, source=what)
+    return dict(cfg.fields)
+
+
 def setup_fields_from_training_args(args) -> dict:
-    """``TrainSetup`` fields from a transformers ``TrainingArguments`` (or its ``to_dict()``)."""
-    d = _as_dict(args, "training_args")
-    out: dict[str, Any] = {}
-    if d.get("per_device_train_batch_size"):
-        out["batch_size"] = int(d["per_device_train_batch_size"])
-    optim = d.get("optim")
-    if optim:
-        out["optimizer"] = str(getattr(optim, "value", optim))
-    if d.get("bf16") and d.get("fp16"):
-        raise InvalidSetupError("training_args set both bf16 and fp16; choose one")
-    if d.get("bf16"):
-        out["dtype"] = "bf16"
-    elif d.get("fp16"):
-        out["dtype"] = "fp16"
-    if d.get("gradient_checkpointing"):
-        out["grad_ckpt"] = True
-    return out
+    """``TrainSetup`` fields from a transformers ``TrainingArguments`` (or its ``to_dict()``): micro-batch,
+    ``optim``, bf16 / fp16, gradient (activation) checkpointing."""
+    return _mapped(args, "training_args", "training_args")
 
 
 def setup_fields_from_lora_config(cfg) -> dict:
-    """``TrainSetup`` fields from a peft ``LoraConfig`` (or its ``to_dict()``)."""
-    d = _as_dict(cfg, "lora_config")
-    out: dict[str, Any] = {"method": "lora"}
-    if d.get("r") is not None:
-        out["rank"] = int(d["r"])
-    if d.get("lora_alpha") is not None:
-        out["alpha"] = int(d["lora_alpha"])
-    if d.get("lora_dropout") is not None:
-        out["lora_dropout"] = float(d["lora_dropout"])
-    targets = _targets_string(d.get("target_modules"))
-    if targets:
-        out["targets"] = targets
-    return out
+    """``TrainSetup`` fields from a peft ``LoraConfig`` (or its ``to_dict()``): rank, alpha, dropout, targets."""
+    fields_ = _mapped(cfg, "peft", "lora_config")
+    return {"method": "lora", **fields_} if cfg is not None else {}
 
 
 def setup_fields_from_bnb_config(cfg) -> dict:
     """``TrainSetup`` fields from a transformers ``BitsAndBytesConfig`` (or its ``to_dict()``)."""
-    d = _as_dict(cfg, "bnb_config")
-    four, eight = bool(d.get("load_in_4bit") or d.get("_load_in_4bit")), bool(d.get("load_in_8bit") or
-                                                                               d.get("_load_in_8bit"))
-    if four and eight:
-        raise InvalidSetupError("bnb_config sets both load_in_4bit and load_in_8bit; choose one")
-    out: dict[str, Any] = {}
-    if four:
-        out.update(bits=4, quant_type=str(d.get("bnb_4bit_quant_type") or "fp4"),
-                   double_quant=bool(d.get("bnb_4bit_use_double_quant", False)))
-        compute = d.get("bnb_4bit_compute_dtype")
-        if compute is not None and _TORCH_DTYPE_NAMES.get(str(compute)) in ("fp16", "bf16"):
-            out["dtype"] = _TORCH_DTYPE_NAMES[str(compute)]
-    elif eight:
-        out["bits"] = 8
-    return out
+    return _mapped(cfg, "bnb", "bnb_config")
 
 
 # ================================================================================================ the check
@@ -419,7 +392,7 @@ def preflight(model, *, training_args=None, lora_config=None, bnb_config=None, s
     explicit = dict(setup_fields, seq_len=seq_len, batch_size=batch_size)
     live_fields = live.setup_fields() if live is not None else {}
     from_args = setup_fields_from_training_args(training_args)
-    from_lora = setup_fields_from_lora_config(lora_config) if lora_config is not None else {}
+    from_lora = setup_fields_from_lora_config(lora_config)
     from_bnb = setup_fields_from_bnb_config(bnb_config)
     if from_bnb.get("bits") == 4 and from_lora:
         from_lora["method"] = "qlora"

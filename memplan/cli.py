@@ -46,14 +46,16 @@ _KNOBS: list[tuple[str, str, dict]] = [
 
 
 # What simulate / profile / validate import lazily (the `profile` and `report` extras).
-_HEAVY_PACKAGES = frozenset({"torch", "transformers", "peft", "bitsandbytes", "accelerate", "pynvml", "matplotlib"})
+_HEAVY_PACKAGES = frozenset({"torch", "transformers", "peft", "bitsandbytes", "accelerate", "pynvml", "matplotlib",
+                             "pandas"})
 
 
 class _Parser(argparse.ArgumentParser):
     """argparse that reports a usage error as one line and exit code 2."""
 
     def error(self, message: str):  # noqa: D401 - argparse API
-        self.exit(2, f"memplan {self.prog.split()[-1]}: error: {message} (see --help)\n")
+        # prog is "memplan fit" or "memplan report capacity": name the whole command
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def _add_knobs(p: argparse.ArgumentParser) -> None:
@@ -72,6 +74,70 @@ def _setup_from_args(args: argparse.Namespace):
     return TrainSetup(model=args.model, gpu=getattr(args, "gpu", None), **given), frozenset(given)
 
 
+def _add_config_args(p: argparse.ArgumentParser, *, fit: bool = False) -> None:
+    """estimate / fit: ``--model`` and ``--config FILE`` (training configs users already have)."""
+    p.add_argument("--model", dest="model_opt", metavar="NAME", help="the model, when not given as MODEL")
+    p.add_argument("--config", dest="configs", action="append", metavar="FILE",
+                   help="a training config to plan from (repeatable; later files and then flags win): "
+                        "TrainingArguments / TRL SFTConfig JSON, peft adapter_config.json, BitsAndBytesConfig "
+                        "JSON, axolotl or TRL YAML")
+    if fit:
+        p.add_argument("--free", metavar="FIELDS",
+                       help="comma-separated knobs a --config sets that the search may change "
+                            "(e.g. batch_size,grad_ckpt,optimizer)")
+
+
+def _setup_with_configs(args: argparse.Namespace):
+    """estimate / fit: (setup, pinned, report) from MODEL / --model, the --config files and the flags;
+    ``report`` is None without --config. Flags win over files; ``--free`` unpins what files set."""
+    from .configs import load_training_config, merge_configs
+
+    flags = {dest: getattr(args, dest) for _, dest, _ in _KNOBS}
+    configs = [load_training_config(path) for path in args.configs or ()]
+    setup, pinned, report = merge_configs(configs, {**flags, "gpu": getattr(args, "gpu", None)},
+                                          model=args.model or args.model_opt)
+    if getattr(args, "free", None):
+        pinned -= _free_fields(args.free, flags)
+    if report.model_source:  # say where a model name that does not resolve came from
+        from .errors import UnknownModelError
+        from .models import load_model
+
+        try:
+            load_model(setup.model, profiles_dir=args.profiles)
+        except UnknownModelError as exc:
+            raise UnknownModelError(f"{exc} (named in {report.model_source}; give MODEL or --model to plan "
+                                    f"another)") from None
+    return setup, pinned, (report if args.configs else None)
+
+
+def _free_fields(text: str, flags: dict) -> frozenset[str]:
+    """``--free``: knob names (``batch_size`` or ``batch-size``); bits and method are freed together."""
+    from .errors import InvalidSetupError, suggestion_suffix
+
+    by_name = {dest: dest for _, dest, _ in _KNOBS} | {flag[2:]: dest for flag, dest, _ in _KNOBS}
+    free = set()
+    for name in (n.strip() for n in text.split(",") if n.strip()):
+        if name not in by_name:
+            raise InvalidSetupError(f"unknown field {name!r} in --free{suggestion_suffix(name, by_name)}; allowed: "
+                                    f"{', '.join(dest for _, dest, _ in _KNOBS)}")
+        dest = by_name[name]
+        if flags.get(dest) is not None:
+            raise InvalidSetupError(f"--free {name} contradicts the flag that pins it ({dest}={flags[dest]})")
+        free.add(dest)
+    if free & {"bits", "method"}:
+        free |= {"bits", "method"}  # the search picks the method from the bits (4 -> qlora)
+    return frozenset(free)
+
+
+def _print_config(console, report) -> None:
+    """One line per config file (what it set), then its warnings (yellow) and notes (dim)."""
+    from rich.text import Text
+
+    styles = {"used": "", "warning": "yellow", "note": "dim"}
+    for kind, line in report.lines():
+        console.print(Text(line, style=styles[kind]))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="memplan",
@@ -84,26 +150,31 @@ def build_parser() -> argparse.ArgumentParser:
               memplan estimate opt-13b --rank 16 --targets q_proj,v_proj --batch-size 4 --json
               memplan models
               memplan gpus
+              memplan report capacity --format md,html
             """),
     )
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
 
     p = sub.add_parser("estimate", help="peak memory breakdown of one exact setup")
-    p.add_argument("model", help="catalog name (memplan models), config.json path or local model folder")
+    p.add_argument("model", nargs="?", help="catalog name (memplan models), config.json path or local model "
+                                            "folder (or --model, or a --config that names it)")
     p.add_argument("--gpu", help="card for the CUDA context and dtype defaults (memplan gpus)")
     _add_knobs(p)
+    _add_config_args(p)
     p.add_argument("--phases", action="store_true", help="also show the total of every phase")
     p.set_defaults(func=_run_estimate)
 
     p = sub.add_parser("fit", help="the best bits / rank / batch / checkpointing / optimizer that fit a card",
                        description="Search bits x rank x targets x checkpointing x optimizer x batch size; "
                                    "any setup flag pins that knob.")
-    p.add_argument("model", help="catalog name (memplan models), config.json path or local model folder")
+    p.add_argument("model", nargs="?", help="catalog name (memplan models), config.json path or local model "
+                                            "folder (or --model, or a --config that names it)")
     p.add_argument("--gpu", required=True, help="catalog card or alias (3090, a100-80g ...), or a size (24GiB)")
     p.add_argument("--headroom", type=float, default=None,
                    help="fraction of the card's memory kept free (default 0.05)")
     p.add_argument("--max-batch", type=int, default=64, help="largest micro-batch to consider (default 64)")
     _add_knobs(p)
+    _add_config_args(p, fit=True)
     p.set_defaults(func=_run_fit)
 
     p = sub.add_parser("simulate", help="exact peak of one real training step on fake tensors (needs torch)",
@@ -149,6 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-simulate-runs", action="store_true", help="do not simulate the recorded runs")
     p.set_defaults(func=_run_validate)
 
+    from .report import add_report_parser  # stdlib-only at import; pandas/matplotlib load inside the run
+
+    add_report_parser(sub)
+
     p = sub.add_parser("models", help="list the model catalog")
     p.add_argument("--profiles", metavar="DIR")
     p.add_argument("--json", action="store_true")
@@ -175,14 +250,16 @@ def _print_json(obj) -> None:
 def _run_estimate(args) -> int:
     from .estimate import estimate
 
-    setup, _ = _setup_from_args(args)
+    setup, _, report = _setup_with_configs(args)
     e = estimate(setup, profiles_dir=args.profiles)
     if args.json:
-        _print_json(e.to_dict())
+        _print_json({**e.to_dict(), **({"config": report.to_dict()} if report else {})})
         return 0
     from .render import estimate_view
 
     console = _console()
+    if report:
+        _print_config(console, report)
     console.print(estimate_view(e))
     if args.phases:
         from .units import format_gib
@@ -195,15 +272,18 @@ def _run_estimate(args) -> int:
 def _run_fit(args) -> int:
     from .fit import fit
 
-    setup, pinned = _setup_from_args(args)
+    setup, pinned, report = _setup_with_configs(args)
     result = fit(setup, args.gpu, headroom=args.headroom, pinned=pinned, max_batch=args.max_batch,
                  profiles_dir=args.profiles)
     if args.json:
-        _print_json(result.to_dict())
+        _print_json({**result.to_dict(), **({"config": report.to_dict()} if report else {})})
     else:
         from .render import fit_view
 
-        _console().print(fit_view(result))
+        console = _console()
+        if report:
+            _print_config(console, report)
+        console.print(fit_view(result))
     return 0 if result.recommended is not None else 1
 
 
