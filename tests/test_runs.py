@@ -171,3 +171,18 @@ def test_runs_module_does_not_import_torch():
     code = "import sys, memplan.runs; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_records_are_ordinary_files(tmp_path):
+    """write_atomic's temporary file is 0600 (mkstemp); the record ends up 0666 minus the umask like any file."""
+    import os
+    import stat
+
+    from memplan.runs import RunRecord, save_run
+
+    mask = os.umask(0o022)
+    try:
+        path = save_run(RunRecord(outcome="ok", setup={"model": "opt-125m"}, device="cpu"), tmp_path)
+    finally:
+        os.umask(mask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
