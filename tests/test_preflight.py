@@ -236,7 +236,7 @@ def test_bad_input_is_a_clear_error(model_dir):
         memplan.preflight(object(), budget_bytes=BIG)
     with pytest.raises(InvalidSetupError, match="unknown setup field.*rnak"):
         memplan.preflight(model_dir, rnak=8, budget_bytes=BIG)
-    with pytest.raises(InvalidSetupError, match="load_in_4bit and load_in_8bit"):
+    with pytest.raises(InvalidSetupError, match="contradictory settings load_in_4bit: true and load_in_8bit: true"):
         memplan.preflight(model_dir, bnb_config={"load_in_4bit": True, "load_in_8bit": True}, budget_bytes=BIG)
     with pytest.raises(memplan.MemplanError, match="adamw_torch"):
         memplan.preflight(model_dir, training_args={"optim": "adamw_torchh"}, budget_bytes=BIG)
