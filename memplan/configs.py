@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, InvalidSetupError
+from .fileio import read_text
 from .optimizers import resolve_optimizer
 from .setups import TrainSetup
 
@@ -420,12 +421,7 @@ def _read(p: Path) -> tuple[dict, bool]:
         if not (p / "adapter_config.json").is_file():
             raise ConfigError(f"{p}: the folder holds no adapter_config.json; pass a config file")
         p = p / "adapter_config.json"
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{p}: config file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{p}: cannot read: {exc}") from None
+    text = read_text(p, missing="config file not found")
     is_yaml = p.suffix.lower() in (".yml", ".yaml") or (p.suffix.lower() != ".json" and
                                                         not text.lstrip().startswith("{"))
     if is_yaml:

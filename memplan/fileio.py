@@ -17,7 +17,7 @@ from typing import IO, Any
 
 from .errors import ConfigError, MemplanError
 
-__all__ = ["write_atomic", "read_json", "fsync_dir"]
+__all__ = ["write_atomic", "read_text", "read_json", "fsync_dir"]
 
 
 def fsync_dir(folder: str | os.PathLike) -> None:
@@ -62,18 +62,25 @@ def write_atomic(path: str | os.PathLike, write: Callable[[IO], None], *, binary
     return path
 
 
+def read_text(path: str | os.PathLike, *, error: type[MemplanError] = ConfigError, missing: str = "file not found",
+              what: str = "") -> str:
+    """A UTF-8 text file's content; a missing or unreadable file raises ``error`` naming the path."""
+    p = Path(path)
+    try:
+        return p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise error(f"{p}: {missing}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise error(f"{p}: cannot read{what}: {exc}") from None
+
+
 def read_json(path: str | os.PathLike, *, error: type[MemplanError] = ConfigError, missing: str = "file not found",
               what: str = "") -> Any:
     """Parse a JSON file; a missing or unreadable file or bad JSON raises ``error`` naming the path.
 
     ``missing`` is the message for a file that does not exist; ``what`` names the kind of file (" run record")."""
     p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise error(f"{p}: {missing}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise error(f"{p}: cannot read{what}: {exc}") from None
+    text = read_text(p, error=error, missing=missing, what=what)
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
