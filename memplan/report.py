@@ -25,7 +25,8 @@ from .errors import InvalidSetupError, MemplanError
 from .estimate import COMPONENTS
 
 __all__ = ["CapacityRow", "CurvePoint", "DEFAULT_MODELS", "DEFAULT_GPUS", "DEFAULT_SEQ_LENS", "FORMATS",
-           "ReportDependencyError", "capacity_rows", "capacity_frame", "peak_curves", "write_capacity_report",
+           "ReportDependencyError", "capacity_rows", "capacity_frame", "peak_curves", "measured_runs",
+           "write_capacity_report",
            "add_report_parser"]
 
 # Popular open models from 1B to 70B (catalog ids, `memplan models`), smallest first.
@@ -249,7 +250,7 @@ def peak_curves(model: str, *, gpu: str | None = None, bits: Sequence[int] = (16
 # ---- writing ------------------------------------------------------------------------------------------------
 def write_capacity_report(rows: Sequence[CapacityRow], out_dir: str | os.PathLike, formats: Sequence[str] = ("md",),
                           *, command: str | None = None, curve_model: str | None = None,
-                          profiles_dir=None) -> list[Path]:
+                          profiles_dir=None, runs_dir: str | os.PathLike | None = None) -> list[Path]:
     """Write ``capacity.csv``, the PNG figures, and ``capacity.md`` / ``capacity.html`` per ``formats``.
 
     Args:
@@ -260,6 +261,8 @@ def write_capacity_report(rows: Sequence[CapacityRow], out_dir: str | os.PathLik
         curve_model: the model of the peak-vs-batch / peak-vs-sequence figure (default: the one nearest 8B
             parameters).
         profiles_dir: the catalog the rows came from (for the curves).
+        runs_dir: run records (``memplan profile`` / ``MemplanCallback``) to set beside the estimates: GPU runs
+            of the report's models are listed with estimate ÷ measured (default: the catalog's ``runs/``).
 
     Returns:
         The paths written, the main document first.
@@ -281,6 +284,7 @@ def write_capacity_report(rows: Sequence[CapacityRow], out_dir: str | os.PathLik
     out = Path(out_dir)
     command = command or _default_command(rows, formats, out)
     figures = _figures(rows, curve_model, profiles_dir)
+    measured = measured_runs(rows, runs_dir if runs_dir is not None else _default_runs_dir(profiles_dir))
     written: list[Path] = []
     for fig in figures:
         fig.path = out / fig.name
@@ -292,13 +296,33 @@ def write_capacity_report(rows: Sequence[CapacityRow], out_dir: str | os.PathLik
     docs = []
     if "md" in formats:
         md = out / "capacity.md"
-        write_atomic(md, lambda f: f.write(report_docs.markdown(rows, figures, command)))
+        write_atomic(md, lambda f: f.write(report_docs.markdown(rows, figures, command, measured)))
         docs.append(md)
     if "html" in formats:
         html = out / "capacity.html"
-        write_atomic(html, lambda f: f.write(report_docs.html(rows, figures, command)))
+        write_atomic(html, lambda f: f.write(report_docs.html(rows, figures, command, measured)))
         docs.append(html)
     return docs + written
+
+
+def _default_runs_dir(profiles_dir) -> Path:
+    from .catalog import profiles_dir as catalog_dir
+
+    return Path(catalog_dir(profiles_dir)) / "runs"
+
+
+def measured_runs(rows: Sequence[CapacityRow], runs_dir: str | os.PathLike) -> list:
+    """The GPU run records (``memplan profile --device cuda``, ``MemplanCallback`` on a GPU) of the report's
+    models, each with its analytic estimate (``memplan.validate.RunRow``: measured = peak reserved + CUDA
+    context). CPU records are left out: they measure tensors on a CPU, not a card. Empty when the folder does
+    not exist or holds none; unreadable records are skipped with a warning by ``validate_runs``."""
+    from .validate import validate_runs
+
+    if not Path(runs_dir).is_dir():
+        return []
+    models = {r.model for r in rows}
+    return [row for row in validate_runs(runs_dir, simulate_runs=False)
+            if row.device == "cuda" and row.setup.get("model") in models and row.measured_bytes]
 
 
 def _csv_text(rows: Sequence[CapacityRow]) -> str:
@@ -439,6 +463,8 @@ def add_report_parser(subparsers) -> None:
     p.add_argument("--out", default="reports", help="report folder (default reports/)")
     p.add_argument("--headroom", type=float, default=None, help="fraction of each card kept free (default 0.05)")
     p.add_argument("--curve-model", default=None, help="model of the peak-vs-batch/sequence figure (default: ~8B)")
+    p.add_argument("--runs", default=None, metavar="DIR",
+                   help="run records to list beside the estimates (default: the catalog's runs/)")
     p.add_argument("--profiles", metavar="DIR", help="catalog folder (default: MEMPLAN_PROFILES or the bundled one)")
     p.set_defaults(func=_run_capacity)
 
@@ -466,7 +492,7 @@ def _run_capacity(args) -> int:
             parts += [flag, str(value)]
     command = shlex.join(parts)
     paths = write_capacity_report(rows, args.out, args.format, command=command, curve_model=args.curve_model,
-                                  profiles_dir=args.profiles)
+                                  profiles_dir=args.profiles, runs_dir=args.runs)
     for path in paths:
         print(f"wrote {path}")
     fits = sum(r.status == FITS for r in rows)

@@ -121,6 +121,29 @@ _HOW_TO_READ = [
 ]
 
 
+_MEASURED_HEADER = ["run", "card", "outcome", "measured GiB", "estimate GiB", "estimate ÷ measured"]
+
+
+def _measured(measured: Sequence) -> tuple[list[str], list[list[str]], str]:
+    """The GPU run records of the report's models (``memplan.report.measured_runs``): header, rows, intro."""
+    if not measured:
+        return _MEASURED_HEADER, [], (
+            "No GPU run records of these models yet in the run records folder. The estimates are held "
+            "to exact tensor-level simulations instead (reports/validation.md). Record a run with `memplan profile "
+            "MODEL --device cuda` or `MemplanCallback(record_dir=...)` in a training script, and regenerate.")
+    body = []
+    for row in measured:
+        s = row.setup
+        name = (f"{s['model']} {s['bits']}b r{s['rank']} {_targets_short(s.get('targets'))} ×{s['batch_size']} "
+                f"s{s['seq_len']}{' ckpt' if s.get('grad_ckpt') else ''}")
+        card = row.device_name or ""
+        body.append([name, card, row.outcome, _gib(row.measured_bytes), _gib(row.analytic_bytes),
+                     f"{row.analytic_bytes / row.measured_bytes:.3f}"])
+    return _MEASURED_HEADER, body, (
+        f"{len(body)} GPU run record(s) of these models: measured = peak reserved by torch's allocator + the "
+        "measured CUDA context; estimate = memplan's analytic total for the same setup on that card.")
+
+
 def _md_table(header: list[str], body: list[list[str]], right: Sequence[str] = ()) -> list[str]:
     """A Markdown table; the columns named in ``right`` are right-aligned."""
 
@@ -132,7 +155,7 @@ def _md_table(header: list[str], body: list[list[str]], right: Sequence[str] = (
             *("| " + " | ".join(map(esc, row)) + " |" for row in body)]
 
 
-def markdown(rows: Sequence[CapacityRow], figures: list[Figure], command: str) -> str:
+def markdown(rows: Sequence[CapacityRow], figures: list[Figure], command: str, measured: Sequence = ()) -> str:
     from . import __version__
 
     lines = ["# memplan capacity report: which LoRA / QLoRA plan fits which card", "",
@@ -157,6 +180,10 @@ def markdown(rows: Sequence[CapacityRow], figures: list[Figure], command: str) -
     for fig in figures:
         if fig.kind == "curves":
             lines += [f"## {fig.title}", "", f"![{fig.title}]({fig.name})", "", fig.caption, ""]
+    header, body, intro = _measured(measured)
+    lines += ["## Measured on GPUs", "", intro, ""]
+    if body:
+        lines += _md_table(header, body, right=("measured GiB", "estimate GiB", "estimate ÷ measured")) + [""]
     lines += ["## How to read", ""]
     for para in _HOW_TO_READ:
         lines += [para, ""]
@@ -221,7 +248,7 @@ def _img(fig: Figure) -> str:
             f'<p class="caption">{escape(fig.caption)}</p>')
 
 
-def html(rows: Sequence[CapacityRow], figures: list[Figure], command: str) -> str:
+def html(rows: Sequence[CapacityRow], figures: list[Figure], command: str, measured: Sequence = ()) -> str:
     from html import escape
 
     from . import __version__
@@ -252,6 +279,10 @@ def html(rows: Sequence[CapacityRow], figures: list[Figure], command: str) -> st
     for fig in figures:
         if fig.kind == "curves":
             parts += [f"<h2>{escape(fig.title)}</h2>", _img(fig)]
+    header, body, intro = _measured(measured)
+    parts += ["<h2>Measured on GPUs</h2>", f"<p>{_inline_code(escape(intro))}</p>"]
+    if body:
+        parts.append(_html_table(header, body, [["", "", "", "num", "num", "num"] for _ in body]))
     parts.append('<h2 id="how-to-read">How to read</h2>')
     parts += [f"<p>{_inline_code(escape(p))}</p>" for p in _HOW_TO_READ]
     parts.append("</body></html>")

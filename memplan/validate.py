@@ -66,6 +66,7 @@ class RunRow:
     analytic_bytes: int
     simulated_bytes: int | None
     notes: tuple[str, ...] = field(default=())
+    device_name: str | None = None  # the card (CUDA) or CPU the run was recorded on
 
     @property
     def analytic_ratio(self) -> float | None:
@@ -237,11 +238,13 @@ def validate_runs(runs_dir: str | os.PathLike, *, simulate_runs: bool = True) ->
         resolved = resolve_setup(setup, spec)
         peak = record.peak or {}
         notes: list[str] = []
+        env = record.environment or {}
         if record.device == "cuda":
             reserved, context = peak.get("max_reserved_bytes"), peak.get("cuda_context_bytes")
             measured = reserved + context if reserved is not None and context is not None else None
             kind = "peak reserved + CUDA context"
-            analytic = estimate_for(spec, resolved).total_bytes
+            gpu = _record_gpu(env)  # the card's CUDA-context default and bf16 support, as a plan for it
+            analytic = estimate_for(spec, resolve_setup(setup, spec, gpu), gpu).total_bytes
             semantics = "cuda"
         else:
             measured = peak.get("tensor_peak_bytes")
@@ -258,8 +261,22 @@ def validate_runs(runs_dir: str | os.PathLike, *, simulate_runs: bool = True) ->
             except Exception as exc:  # noqa: BLE001
                 notes.append(f"simulation failed: {type(exc).__name__}: {exc}")
         rows.append(RunRow(str(getattr(record, "path", "")), resolved.to_dict(), record.device, record.outcome,
-                           measured, kind, analytic, simulated, tuple(notes)))
+                           measured, kind, analytic, simulated, tuple(notes), env.get("device_name")))
     return rows
+
+
+def _record_gpu(env: dict):
+    """The GPUSpec of the card a CUDA run was recorded on (its environment block), or None."""
+    from .errors import MemplanError
+    from .gpus import gpu_from_device
+
+    name, total, cc = env.get("device_name"), env.get("total_memory_bytes"), env.get("compute_capability")
+    if not (name and total and cc):
+        return None
+    try:
+        return gpu_from_device(str(name), int(total), str(cc), source=f"run record: {name}")
+    except MemplanError:
+        return None
 
 
 def _record_spec(record, setup):

@@ -254,3 +254,33 @@ def test_importing_the_report_core_stays_light():
     proc = subprocess.run([sys.executable, "-c", LIGHT], capture_output=True, text=True, check=True)
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result == {"status": "fits", "loaded": []}
+
+
+def test_gpu_run_records_are_listed_with_estimate_over_measured(rows, tmp_path):
+    """A CUDA run record of a model in the grid (a hand-made record: the numbers are test data) appears under
+    "Measured on GPUs" with memplan's estimate for that setup on that card ÷ peak reserved + context; CPU
+    records do not (they measure a CPU)."""
+    pytest.importorskip("matplotlib")
+    from memplan.estimate import estimate_for
+    from memplan.gpus import gpu_from_device
+    from memplan.models import load_model
+    from memplan.runs import RunRecord, save_run
+    from memplan.setups import resolve_setup
+
+    spec = load_model("llama-3.2-1b")
+    card = gpu_from_device("NVIDIA GeForce RTX 4090", 25_757_220_864, "8.9", source="test")
+    setup = resolve_setup(TrainSetup("llama-3.2-1b", batch_size=4, seq_len=512, grad_ckpt=True), spec, card)
+    env = {"device_name": "NVIDIA GeForce RTX 4090", "total_memory_bytes": 25_757_220_864, "compute_capability": "8.9"}
+    runs = tmp_path / "runs"
+    save_run(RunRecord(outcome="ok", setup=setup.to_dict(), device="cuda", environment=env,
+                       peak={"max_reserved_bytes": 6 * 2**30, "cuda_context_bytes": 2**29}), runs)
+    save_run(RunRecord(outcome="ok", setup=setup.to_dict(), device="cpu", peak={"tensor_peak_bytes": 2**30}), runs)
+    write_capacity_report(rows, tmp_path / "out", ("md", "html"), runs_dir=runs)
+    md = (tmp_path / "out" / "capacity.md").read_text()
+    section = md.split("## Measured on GPUs", 1)[1].split("## How to read", 1)[0]
+    ratio = estimate_for(spec, setup, card).total_bytes / (6.5 * 2**30)
+    assert "1 GPU run record" in section and "NVIDIA GeForce RTX 4090" in section
+    assert f"| {ratio:.3f} |" in section and "llama-3.2-1b 16b r8 q,v ×4 s512 ckpt" in section
+    assert "Measured on GPUs" in (tmp_path / "out" / "capacity.html").read_text()
+    write_capacity_report(rows, tmp_path / "none", ("md",), runs_dir=tmp_path / "missing")
+    assert "No GPU run records" in (tmp_path / "none" / "capacity.md").read_text()
