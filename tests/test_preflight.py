@@ -386,3 +386,30 @@ def test_the_readme_training_script_runs(model_dir, tmp_path):
     (record,) = (tmp_path / "profiles" / "runs").glob("*.json")
     data = json.loads(record.read_text())
     assert data["outcome"] == "ok" and data["setup"]["bits"] == 4 and data["setup"]["rank"] == 16
+
+
+def test_device_reading_counts_what_this_process_holds(model_dir, monkeypatch):
+    """The free-memory path with torch.cuda answering as an RTX 3090 would (no GPU here: monkeypatched). The
+    budget is free + reserved by this process + the card's CUDA-context default - 5% headroom, and the card's
+    context default is what the estimate counts."""
+    from types import SimpleNamespace
+
+    from memplan.gpus import load_gpu
+
+    total, free, reserved = 25_447_170_048, 20 * 2**30, 3 * 2**30
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda index=None: (free, total))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda index=None: reserved)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda index=None: SimpleNamespace(name="NVIDIA GeForce RTX 3090", major=8, minor=6))
+    card = load_gpu("3090")
+    budget = free + reserved + card.cuda_context_bytes - int(0.05 * total)
+    est = memplan.preflight(model_dir, seq_len=64, device="cuda")
+    assert est.components["cuda_context"] == card.cuda_context_bytes
+    assert any(f"{budget / 2**30:.2f} GiB" in n and "cuda:0 (RTX 3090)" in n for n in est.notes)
+    with pytest.raises(WontFitError) as info:
+        memplan.preflight("llama-2-13b-hf", seq_len=512, device="cuda")
+    assert info.value.budget_bytes == budget
+    with pytest.raises(NoDeviceError, match="not a CUDA device"):
+        memplan.preflight(model_dir, device="cpu")
