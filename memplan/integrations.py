@@ -56,7 +56,7 @@ class MemplanCallback(TrainerCallback):
 
     def __init__(self, *, seq_len: int | None = None, gpu=None, budget_bytes: int | None = None,
                  headroom: float | None = None, strict: bool = True, record_dir=None,
-                 track_tensors: bool | None = None, profiles_dir=None, **setup_fields):
+                 track_tensors: bool | None = None, profiles_dir=None, verbose: bool = True, **setup_fields):
         self.seq_len = seq_len
         self.gpu = gpu
         self.budget_bytes = budget_bytes
@@ -66,6 +66,7 @@ class MemplanCallback(TrainerCallback):
         self.track_tensors = track_tensors
         self.profiles_dir = profiles_dir
         self.setup_fields = setup_fields
+        self.verbose = verbose  # one line on stderr at the start (the plan) and the end (the record)
         self.estimate = None  # the preflight Estimate, once training began
         self.record: RunRecord | None = None  # the run record, once written
         self.record_path: Path | None = None
@@ -81,6 +82,14 @@ class MemplanCallback(TrainerCallback):
         self.estimate = preflight(model, training_args=args, seq_len=self.seq_len, gpu=self.gpu,
                                   budget_bytes=self.budget_bytes, headroom=self.headroom, strict=self.strict,
                                   profiles_dir=self.profiles_dir, **self.setup_fields)
+        if self.verbose:
+            from .render import describe_setup
+            from .units import format_gib
+
+            budget = next((n.split("compared with ", 1)[1] for n in self.estimate.notes
+                           if n.startswith("compared with ")), "not checked")
+            self._say(f"estimated peak {format_gib(self.estimate.total_bytes, 2)} ({self.estimate.peak_phase}) "
+                      f"for {describe_setup(self.estimate)}; compared with {budget}")
         if self.record_dir is not None:
             self._run = _Recording(self, model, args)
             self._run.start()
@@ -145,6 +154,18 @@ class MemplanCallback(TrainerCallback):
             return
         self.record = run.finish(outcome, exc)
         self.record_path = save_run(self.record, self.record_dir)
+        if self.verbose:
+            from .units import format_gib
+
+            peak = self.record.peak or {}
+            measured = ", ".join(f"{label} {format_gib(peak[key], 2)}" for key, label in (
+                ("max_reserved_bytes", "peak reserved"), ("max_allocated_bytes", "peak allocated"),
+                ("tensor_peak_bytes", "tensor peak")) if peak.get(key))
+            self._say(f"run record ({outcome}) {self.record_path}: {measured or 'no peak measured'}")
+
+    @staticmethod
+    def _say(text: str) -> None:
+        print(f"memplan: {text}", file=sys.stderr, flush=True)
 
 
 class _Recording:

@@ -413,3 +413,13 @@ def test_device_reading_counts_what_this_process_holds(model_dir, monkeypatch):
     assert info.value.budget_bytes == budget
     with pytest.raises(NoDeviceError, match="not a CUDA device"):
         memplan.preflight(model_dir, device="cpu")
+
+
+def test_callback_says_the_plan_and_the_record(model_dir, tmp_path, capsys):
+    from memplan.integrations import MemplanCallback
+
+    cb = MemplanCallback(seq_len=32, budget_bytes=BIG, record_dir=tmp_path / "runs")
+    _trainer(model_dir, tmp_path, cb, steps=1).train()
+    err = capsys.readouterr().err
+    assert "memplan: estimated peak" in err and "budget_bytes=1,000,000,000,000" in err
+    assert f"memplan: run record (ok) {cb.record_path}: tensor peak" in err
