@@ -60,6 +60,9 @@ class FitResult:
     leanest: Estimate  # the leanest plan searched (reported when nothing fits)
     evaluated: int  # number of estimates computed
     max_seq_len_is_model_limit: bool = False  # the search stopped at learned position embeddings, not memory
+    # When nothing fits with the pinned knobs: single changes of a pinned knob after which the leanest plan
+    # fits (``smallest_changes``), so that a --config user learns what to change or --free.
+    changes: tuple[Change, ...] = ()
 
     def to_dict(self) -> dict:
         return {
@@ -84,6 +87,7 @@ class FitResult:
             "max_seq_len_is_model_limit": self.max_seq_len_is_model_limit,
             "smallest_gpu": self.smallest_gpu,
             "leanest": self.leanest.to_dict(),
+            "changes": [c.to_dict() for c in self.changes],
             "evaluated": self.evaluated,
         }
 
@@ -197,8 +201,10 @@ def fit_for(spec: ModelSpec, setup: TrainSetup, gpu: GPUSpec, *, headroom: float
     assert leanest is not None  # at least one combination was evaluated
 
     if not best_by_combo:
+        changes = _pinned_changes(spec, leanest.setup, gpu, budget, pinned)
         return FitResult(spec.name, gpu, headroom, budget, gpu.usable_bytes(headroom), None, (), None, None,
-                         _smallest_gpu(spec, leanest.setup, headroom, profiles_dir), leanest, s.evaluated)
+                         _smallest_gpu(spec, leanest.setup, headroom, profiles_dir), leanest, s.evaluated,
+                         changes=changes)
 
     ranked = sorted(best_by_combo, key=_rank_key, reverse=True)
     recommended = ranked[0]
@@ -214,6 +220,17 @@ def fit_for(spec: ModelSpec, setup: TrainSetup, gpu: GPUSpec, *, headroom: float
     return FitResult(spec.name, gpu, headroom, budget, gpu.usable_bytes(headroom), recommended, alternatives,
                      next_batch, max_seq, None, leanest, s.evaluated,
                      max_seq_len_is_model_limit=max_seq == spec.max_seq_len)
+
+
+def _pinned_changes(spec: ModelSpec, leanest: TrainSetup, gpu: GPUSpec, budget: int,
+                    pinned: frozenset[str]) -> tuple[Change, ...]:
+    """``smallest_changes`` of the leanest plan that touch a pinned knob (the search tried every free one)."""
+    if not pinned:
+        return ()
+    touched = {"batch_size": {"batch_size"}, "grad_ckpt": {"grad_ckpt"}, "optimizer": {"optimizer"},
+               "bits": {"bits", "method"}}
+    return tuple(c for c in smallest_changes(spec, leanest, gpu, budget)
+                 if any(pinned & touched.get(k, {k}) for k in c.fields))
 
 
 def _alternatives(recommended: Estimate, ranked: list[Estimate]) -> tuple[Estimate, ...]:

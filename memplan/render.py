@@ -113,6 +113,9 @@ def fit_view(r: FitResult) -> Group:
             f"Nothing fits. The leanest plan searched ({describe_setup(lean)}) needs {format_gib(lean.total_bytes)} "
             f"against a budget of {format_gib(r.budget_bytes)}.", style="bold red"))
         parts.append(Text(f"Smallest catalog card that fits it: {r.smallest_gpu or 'none in the catalog'}"))
+        if r.changes:
+            parts.append(Text("Or change one pinned knob (the flag, or --free it when a --config sets it):"))
+            parts += [Text(f"  - {c.description}: {format_gib(c.estimate.total_bytes, 2)}") for c in r.changes]
         parts += [Text(""), breakdown_table(lean, title="Leanest plan")]
         return Group(*parts)
 

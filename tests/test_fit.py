@@ -149,3 +149,18 @@ def test_smallest_changes_each_fit_on_their_own():
     # the next divisor up does not fit
     bigger = resolve_setup(setup.with_(batch_size=b * 2), spec, gpu)
     assert estimate_for(spec, bigger, gpu).total_bytes > budget
+
+
+def test_nothing_fits_with_pinned_knobs_names_the_change_that_would():
+    """16-bit pinned, 13B on a 12 GB card: nothing fits; 4-bit would (8-bit would not), and only pinned knobs
+    are suggested -- the search already tried every free one."""
+    from memplan.fit import fit
+    from memplan.setups import TrainSetup
+
+    r = fit(TrainSetup("llama-2-13b-hf", bits=16), "3060", pinned=frozenset({"bits"}))
+    assert r.recommended is None
+    assert [c.fields.get("bits") for c in r.changes] == [4]
+    assert all(c.estimate.total_bytes <= r.budget_bytes for c in r.changes)
+    assert r.to_dict()["changes"][0]["fields"]["bits"] == 4
+    free = fit(TrainSetup("llama-3.1-405b"), "3060")
+    assert free.recommended is None and free.changes == ()  # nothing pinned: nothing left to suggest
