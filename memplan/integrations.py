@@ -201,6 +201,9 @@ class _Recording:
         self.record.extra["model_config"] = json.loads(json.dumps(info.config, default=str))
         self.record.extra["preflight_estimate"] = {"total_bytes": est.total_bytes, "peak_phase": est.peak_phase,
                                                    "components": dict(est.components)}
+        if device == "cuda" and (info.device or "cuda:0") not in ("cuda", "cuda:0"):
+            # memplan.profiler's collectors read cuda:0 (CUDA_VISIBLE_DEVICES makes any card that)
+            self.record.notes.append(f"the model is on {info.device}; the allocator and NVML figures are cuda:0's")
         self.nvml = NvmlReader() if device == "cuda" else None
         self.record.environment, env_notes = collect_environment(device, self.nvml)
         self.record.notes += env_notes
