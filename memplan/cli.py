@@ -150,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
               memplan estimate opt-13b --rank 16 --targets q_proj,v_proj --batch-size 4 --json
               memplan models
               memplan gpus
+              memplan fit --config axolotl.yml --gpu 4090 --free batch_size
               memplan report capacity --format md,html
             """),
     )
