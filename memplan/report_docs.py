@@ -213,6 +213,9 @@ td.b16 { background: {b16}; color: #fff; } td.b8 { background: {b8}; } td.b4 { b
 td.nofit { background: {nofit}; color: #333; }
 img { max-width: 100%; height: auto; display: block; margin: 1em 0; }
 .caption { color: #555; font-size: .9em; }
+.scroll { overflow-x: auto; }  /* wide tables scroll on a narrow window instead of overflowing the page */
+@page { size: A4 landscape; margin: 12mm; }
+@media print { body { max-width: none; margin: 0; } table { font-size: .72em; } h2 { break-before: page; } }
 """
 
 
@@ -229,14 +232,14 @@ def _css() -> str:
 def _html_table(header: list[str], body: list[list[str]], classes: list[list[str]] | None = None) -> str:
     from html import escape
 
-    out = ["<table>", "<tr>" + "".join(f"<th>{escape(h)}</th>" for h in header) + "</tr>"]
+    out = ['<div class="scroll"><table>', "<tr>" + "".join(f"<th>{escape(h)}</th>" for h in header) + "</tr>"]
     for i, row in enumerate(body):
         cells = []
         for j, c in enumerate(row):
             cls = classes[i][j] if classes else ""
             cells.append(f'<td class="{cls}">{escape(str(c))}</td>' if cls else f"<td>{escape(str(c))}</td>")
         out.append("<tr>" + "".join(cells) + "</tr>")
-    return "\n".join(out + ["</table>"])
+    return "\n".join(out + ["</table></div>"])
 
 
 def _img(fig: Figure) -> str:
