@@ -5,6 +5,8 @@
 >>> e.total_bytes, e.peak_phase, e.dominant          # doctest: +SKIP
 
 Importing ``memplan`` is cheap: names are loaded on first use (PEP 562), and nothing here imports torch.
+The package is organised by wing, dependencies pointing one way (README, "How memplan is built"):
+``catalog`` <- ``plan`` <- ``measure`` <- ``integrations`` / ``reports`` <- ``cli``.
 """
 
 from __future__ import annotations
@@ -15,30 +17,31 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it
 _EXPORTS = {
-    "TrainSetup": "setups",
-    "resolve_setup": "setups",
-    "Estimate": "estimate",
-    "estimate": "estimate",
-    "estimate_for": "estimate",
-    "FitResult": "fit",
-    "fit": "fit",
-    "ModelSpec": "models",
-    "load_model": "models",
-    "list_models": "models",
-    "GPUSpec": "gpus",
-    "load_gpu": "gpus",
-    "list_gpus": "gpus",
-    "detect_local_gpu": "gpus",
+    "TrainSetup": "plan.setup",
+    "resolve_setup": "plan.setup",
+    "Estimate": "plan.estimate",
+    "estimate": "plan.estimate",
+    "estimate_for": "plan.estimate",
+    "Budget": "plan.budget",
+    "FitResult": "plan.search",
+    "fit": "plan.search",
+    "ModelSpec": "catalog.models",
+    "load_model": "catalog.models",
+    "list_models": "catalog.models",
+    "GPUSpec": "catalog.gpus",
+    "load_gpu": "catalog.gpus",
+    "list_gpus": "catalog.gpus",
+    "detect_local_gpu": "catalog.gpus",
     "MemplanError": "errors",
     "UnknownModelError": "errors",
     "UnknownGPUError": "errors",
     "InvalidSetupError": "errors",
     "ConfigError": "errors",
     "WontFitError": "errors",
-    "preflight": "check",
-    "NoDeviceError": "check",
-    "PreflightWarning": "check",
     "UnreadableModelError": "errors",
+    "preflight": "integrations.preflight",
+    "NoDeviceError": "integrations.preflight",
+    "PreflightWarning": "integrations.preflight",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -14,7 +14,9 @@ __all__ = [
     "ConfigError",
     "WontFitError",
     "UnreadableModelError",
+    "NoModelError",
     "close_matches",
+    "suggestion_suffix",
 ]
 
 
@@ -48,6 +50,15 @@ class WontFitError(MemplanError):
         self.estimate = estimate
         self.budget_bytes = budget_bytes
         self.changes = tuple(changes)
+
+
+class NoModelError(ConfigError):
+    """No model named anywhere: not as MODEL, not with --model, not in a --config file (``files``)."""
+
+    def __init__(self, files=()):
+        where = f" and none of {', '.join(files)} names one" if files else ""
+        super().__init__(f"no model given{where}; pass MODEL (memplan models), --model NAME, or a --config that "
+                         f"names it (axolotl base_model, peft base_model_name_or_path, model_name_or_path)")
 
 
 class UnreadableModelError(MemplanError):

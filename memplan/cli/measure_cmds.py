@@ -1,0 +1,157 @@
+"""The measurement subcommands: ``simulate``, ``profile`` and ``validate`` (the ``profile`` extra: torch,
+transformers, peft, bitsandbytes; imported inside the run functions)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .common import add_knobs, console, print_json, setup_from_args
+
+__all__ = ["add_parsers"]
+
+_MODEL_HELP = "catalog name, config.json path or local model folder"
+
+
+def add_parsers(sub) -> None:
+    p = sub.add_parser("simulate", help="exact peak of one real training step on fake tensors (needs torch)",
+                       description="Builds the real transformers + peft model from its config on fake tensors "
+                                   "and runs training steps under a live-storage tracker: the exact tensor-level "
+                                   "peak of any model size, on a CPU.")
+    p.add_argument("model", help=_MODEL_HELP)
+    p.add_argument("--gpu", help="card for dtype defaults")
+    add_knobs(p)
+    p.add_argument("--steps", type=int, default=2, help="training steps (default 2: step 2 has optimizer state)")
+    p.add_argument("--device-semantics", choices=["cuda", "cpu"], default="cuda",
+                   help="cuda (default): bool dropout masks, flash attention, 512-byte blocks; cpu: a CPU run")
+    p.add_argument("--compare", action="store_true", help="also show the analytic estimate and estimate ÷ simulated")
+    p.set_defaults(func=run_simulate)
+
+    p = sub.add_parser("profile", help="instrumented real training steps; writes run records (needs torch)",
+                       description="Runs real training steps of a randomly initialised model on this machine and "
+                                   "records per-phase peaks (tensor tracker; on CUDA also allocated / reserved / "
+                                   "NVML and paged memory). An out-of-memory error is recorded as a result.")
+    p.add_argument("model", help=_MODEL_HELP)
+    add_knobs(p)
+    p.add_argument("--steps", type=int, default=3, help="training steps per run (default 3)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--out", default=None, help="folder for run records (default: the catalog's runs/)")
+    p.add_argument("--sweep", action="store_true", help="double the batch size from --batch-size until out of memory")
+    p.add_argument("--max-batch", type=int, default=256, help="largest batch a sweep tries (default 256)")
+    p.add_argument("--memory-fraction", type=float, default=None,
+                   help="cap this process at a fraction of the GPU (torch.cuda.set_per_process_memory_fraction)")
+    p.add_argument("--tensor-budget", default=None, metavar="SIZE",
+                   help="treat a tracked tensor peak above SIZE (e.g. 2GiB) as out of memory: lets a CPU sweep stop")
+    p.set_defaults(func=run_profile)
+
+    p = sub.add_parser("validate", help="estimate ÷ measured for recorded runs and a simulated grid; writes a report",
+                       description="Compares the analytic estimate with every recorded run and (with --matrix) with "
+                                   "exact simulations over a grid of setups; writes validation.md, CSV and a plot.")
+    p.add_argument("--runs", default=None, help="run records folder (default: the catalog's runs/)")
+    p.add_argument("--out", default="reports", help="report folder (default reports/)")
+    p.add_argument("--matrix", action="store_true", help="also simulate the grid of setups (minutes)")
+    p.add_argument("--models", default=None, help="comma-separated catalog models for the matrix (default: 16)")
+    p.add_argument("--jobs", type=int, default=1, help="parallel simulations for the matrix (default 1)")
+    p.add_argument("--rescore", metavar="CSV", default=None,
+                   help="re-estimate the setups of a matrix CSV (validation_matrix.csv) keeping its simulations")
+    p.add_argument("--no-simulate-runs", action="store_true", help="do not simulate the recorded runs")
+    p.set_defaults(func=run_validate)
+
+
+def run_simulate(args: argparse.Namespace) -> int:
+    from memplan.catalog.gpus import load_gpu
+    from memplan.catalog.models import load_model
+    from memplan.measure.simulate import simulate
+    from memplan.plan.estimate import estimate_for
+    from memplan.plan.setup import resolve_setup
+
+    setup, _ = setup_from_args(args)
+    spec = load_model(setup.model, profiles_dir=args.profiles)
+    gpu = load_gpu(args.gpu, profiles_dir=args.profiles) if args.gpu else None
+    resolved = resolve_setup(setup, spec, gpu)
+    result = simulate(resolved, steps=args.steps, device_semantics=args.device_semantics, gpu=gpu,
+                      profiles_dir=args.profiles)
+    analytic = estimate_for(spec, resolved, gpu, include_runtime=False) if args.compare else None
+    if args.json:
+        d = result.to_dict()
+        if analytic is not None:
+            d["analytic"] = analytic.to_dict()
+            d["analytic_ratio"] = analytic.total_bytes / result.total_bytes
+        print_json(d)
+        return 0
+    from memplan.reports.terminal import simulation_view
+
+    console().print(simulation_view(result, analytic))
+    return 0
+
+
+def run_profile(args: argparse.Namespace) -> int:
+    from memplan.catalog.paths import profiles_dir
+    from memplan.measure.profile import RunInterrupted, profile_run
+    from memplan.measure.sweep import profile_sweep
+
+    setup, _ = setup_from_args(args)
+    out = args.out or str(profiles_dir(args.profiles) / "runs")
+    device = args.device
+    if device is None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    budget = None
+    if args.tensor_budget:
+        from memplan.catalog.gpus import load_gpu
+
+        budget = load_gpu(args.tensor_budget).total_bytes  # "2GiB", "1500MB" ... parsed like a card budget
+    kw = dict(device=device, steps=args.steps, gpu_memory_fraction=args.memory_fraction,
+              tensor_budget_bytes=budget, profiles_dir=args.profiles)
+    try:
+        if args.sweep:
+            records = profile_sweep(setup, max_batch_size=args.max_batch, out_dir=out, progress=not args.json, **kw)
+        else:
+            records = [profile_run(setup, out_dir=out, **kw)]  # saved atomically as soon as it ends
+    except RunInterrupted as exc:
+        sys.stderr.write(f"memplan profile: interrupted; finished records are in {out}"
+                         f" (the interrupted run: {getattr(exc.record, 'path', '') or 'not saved'})\n")
+        return 130
+    if args.json:
+        print_json([r.to_dict() for r in records])
+        return 0
+    from memplan.reports.terminal import runs_view
+
+    console().print(runs_view(records, out))
+    return 0 if all(r.outcome == "ok" for r in records) or args.sweep else 1
+
+
+def run_validate(args: argparse.Namespace) -> int:
+    from memplan.catalog.paths import profiles_dir
+    from memplan.measure.validate import MATRIX_MODELS, matrix_setups, rescore_matrix, run_matrix, validate_runs
+    from memplan.reports.validation import write_report
+
+    out = console()
+    runs_dir = args.runs or str(profiles_dir() / "runs")
+    runs = validate_runs(runs_dir, simulate_runs=not args.no_simulate_runs)
+    matrix = None
+    if args.rescore:
+        matrix = rescore_matrix(args.rescore)
+    elif args.matrix:
+        models = MATRIX_MODELS
+        if args.models:
+            models = tuple((m.strip(), {}) for m in args.models.split(",") if m.strip())
+        setups = matrix_setups(models)
+        done = [0]
+
+        def progress(row):
+            done[0] += 1
+            status = f"error: {row.error}" if row.error else f"{row.ratio:.3f}"
+            out.print(f"[{done[0]}/{len(setups)}] {row.setup['model']}: {status} ({row.sim_seconds:.1f} s)",
+                      highlight=False)
+
+        matrix = run_matrix(setups, jobs=args.jobs, on_row=progress)
+    command = "memplan validate" + (" --matrix" if args.matrix else "") + (f" --jobs {args.jobs}" if args.jobs > 1 else "")
+    if args.rescore:
+        # write_report wraps the command in backticks: "Generated by `...` on the simulations of `...`."
+        command = f"memplan validate --rescore {args.rescore}` on the simulations of `memplan validate --matrix"
+    paths = write_report(args.out, matrix=matrix, runs=runs, command=command)
+    for p in paths:
+        out.print(f"wrote {p}")
+    return 0

@@ -1,0 +1,133 @@
+"""The planning subcommands: ``estimate``, ``fit``, ``models`` and ``gpus``. Planning imports no torch."""
+
+from __future__ import annotations
+
+import argparse
+
+from memplan.plan.search import DEFAULT_MAX_BATCH
+
+from .common import add_config_args, add_knobs, console, print_config, print_json, setup_with_configs
+
+__all__ = ["add_parsers"]
+
+_MODEL_HELP = ("catalog name (memplan models), config.json path or local model folder (or --model, or a --config "
+               "that names it)")
+
+
+def add_parsers(sub) -> None:
+    p = sub.add_parser("estimate", help="peak memory breakdown of one exact setup")
+    p.add_argument("model", nargs="?", help=_MODEL_HELP)
+    p.add_argument("--gpu", help="card for the CUDA context and dtype defaults (memplan gpus)")
+    add_knobs(p)
+    add_config_args(p)
+    p.add_argument("--phases", action="store_true", help="also show the total of every phase")
+    p.set_defaults(func=run_estimate)
+
+    p = sub.add_parser("fit", help="the best bits / rank / batch / checkpointing / optimizer that fit a card",
+                       description="Search bits x rank x targets x checkpointing x optimizer x batch size; "
+                                   "any setup flag pins that knob.")
+    p.add_argument("model", nargs="?", help=_MODEL_HELP)
+    p.add_argument("--gpu", required=True, help="catalog card or alias (3090, a100-80g ...), or a size (24GiB)")
+    p.add_argument("--headroom", type=float, default=None,
+                   help="fraction of the card's memory kept free (default 0.05)")
+    p.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH,
+                   help=f"largest micro-batch to consider (default {DEFAULT_MAX_BATCH})")
+    add_knobs(p, searched=True)
+    add_config_args(p, fit=True)
+    p.set_defaults(func=run_fit)
+
+    p = sub.add_parser("models", help="list the model catalog")
+    p.add_argument("--profiles", metavar="DIR")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=run_models)
+
+    p = sub.add_parser("gpus", help="list the GPU catalog")
+    p.add_argument("--profiles", metavar="DIR")
+    p.add_argument("--headroom", type=float, default=None, help="headroom used for the usable column")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=run_gpus)
+
+
+def run_estimate(args: argparse.Namespace) -> int:
+    from memplan.plan.estimate import estimate
+
+    setup, _, report = setup_with_configs(args)
+    e = estimate(setup, profiles_dir=args.profiles)
+    if args.json:
+        print_json({**e.to_dict(), **({"config": report.to_dict()} if report else {})})
+        return 0
+    from memplan.reports.terminal import estimate_view
+
+    out = console()
+    if report:
+        print_config(out, report)
+    out.print(estimate_view(e))
+    if args.phases:
+        from memplan.units import format_gib
+
+        for phase, comps in e.phases.items():
+            out.print(f"  {phase:<15} {format_gib(sum(comps.values()), 2)}")
+    return 0
+
+
+def run_fit(args: argparse.Namespace) -> int:
+    from memplan.plan.search import fit
+
+    setup, pinned, report = setup_with_configs(args)
+    result = fit(setup, args.gpu, headroom=args.headroom, pinned=pinned, max_batch=args.max_batch,
+                 profiles_dir=args.profiles)
+    if args.json:
+        print_json({**result.to_dict(), **({"config": report.to_dict()} if report else {})})
+    else:
+        from memplan.reports.terminal import fit_view
+
+        out = console()
+        if report:
+            print_config(out, report)
+        out.print(fit_view(result))
+    return 0 if result.recommended is not None else 1
+
+
+def run_models(args: argparse.Namespace) -> int:
+    from memplan.catalog.models import list_models
+
+    models = list_models(profiles_dir=args.profiles)
+    if args.json:
+        print_json([{"id": m.id, "hf_id": m.hf_id, "aliases": list(m.aliases), "family": m.family,
+                     "params": m.exact_params, "source": m.source} for m in models])
+        return 0
+    from rich.table import Table
+
+    t = Table(box=None, pad_edge=False)
+    for col in ("id", "family", "params", "hf id", "aliases"):
+        t.add_column(col, justify="right" if col == "params" else "left")
+    for m in sorted(models, key=lambda m: (m.family, m.exact_params)):
+        t.add_row(m.id, m.family, f"{m.exact_params / 1e9:.2f}B", m.hf_id or "", ", ".join(m.aliases))
+    console().print(t)
+    return 0
+
+
+def run_gpus(args: argparse.Namespace) -> int:
+    from memplan.catalog.gpus import list_gpus
+    from memplan.plan.budget import Budget, check_headroom
+
+    headroom = check_headroom(args.headroom)
+    gpus = list_gpus(profiles_dir=args.profiles)
+    if args.json:
+        print_json([{"id": g.id, "name": g.name, "aliases": list(g.aliases), "total_bytes": g.total_bytes,
+                     "usable_bytes": Budget.for_gpu(g, headroom).usable_bytes,
+                     "cuda_context_bytes": g.cuda_context_bytes, "compute_capability": g.compute_capability,
+                     "bf16": g.bf16, "family": g.family, "source": g.source} for g in gpus])
+        return 0
+    from rich.table import Table
+
+    from memplan.units import GiB
+
+    t = Table(box=None, pad_edge=False)
+    for col in ("id", "name", "total GiB", "usable GiB", "cc", "bf16", "aliases"):
+        t.add_column(col, justify="right" if "GiB" in col else "left")
+    for g in sorted(gpus, key=lambda g: g.total_bytes):
+        t.add_row(g.id, g.name, f"{g.total_bytes / GiB:.1f}", f"{Budget.for_gpu(g, headroom).usable_bytes / GiB:.1f}",
+                  g.compute_capability, "yes" if g.bf16 else "no", ", ".join(g.aliases))
+    console().print(t)
+    return 0

@@ -1,0 +1,246 @@
+"""``memplan profile``: instrumented real training runs, recorded as ``RunRecord``s (``memplan.measure.runs``).
+
+``profile_run`` builds the model a user's training script would (``memplan.measure.build``, the builder
+``simulate`` uses, with random values), runs real training steps through the shared loop
+(``memplan.measure.step``) and records per-phase peaks with ``memplan.measure.recorder.StepRecorder``: the exact
+tensor-level peak on every device, and on CUDA the allocator's peaks, retries and OOMs, NVML device memory and
+bitsandbytes' paged memory (``memplan.measure.nvml`` explains what each sees). The CUDA context is measured once
+per process, before the first tensor (``measure_cuda_context``). The model is built inside the ``load`` phase, so
+its tensor figures are what is alive after loading; load-time transients are seen only by the CUDA allocator
+counters.
+
+An out-of-memory error is a result, not a failure: the record gets outcome ``"oom"``, the phase and step it
+happened in, and everything measured until then. Any other exception gives outcome ``"error"`` (still a
+record). Ctrl-C gives a record with outcome ``"interrupted"`` carried by ``RunInterrupted`` (a
+``KeyboardInterrupt``). Sweeps over batch sizes are ``memplan.measure.sweep``.
+
+Heavy imports (torch, transformers, peft, bitsandbytes, pynvml) happen inside the functions.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import time
+import warnings
+from contextlib import nullcontext
+
+from memplan.errors import MemplanError
+
+from .environment import collect_environment
+from .nvml import NvmlReader, NvmlSampler, measure_cuda_context, paged_count
+from .recorder import StepRecorder, is_oom_error, keep_warnings, record_failure
+from .runs import RunRecord, save_run
+
+__all__ = ["ProfileError", "RunInterrupted", "profile_run", "check_profile_args", "resolve_for_device"]
+
+
+class ProfileError(MemplanError):
+    """A profile that cannot start: no CUDA device, a bad argument."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during ``profile_run``; ``record`` is the run with outcome ``"interrupted"`` and the phases
+    measured so far. It is a ``KeyboardInterrupt``, so callers that only know that still stop."""
+
+    def __init__(self, record: RunRecord):
+        super().__init__("interrupted")
+        self.record = record
+
+
+def resolve_for_device(setup, device: str, profiles_dir=None):
+    """(spec, resolved setup) for a run on ``device``: on CUDA the local card decides the dtype defaults."""
+    from memplan.catalog.gpus import detect_local_gpu
+    from memplan.catalog.models import load_model
+    from memplan.plan.setup import resolve_setup
+
+    spec = load_model(setup.model, profiles_dir=profiles_dir)
+    gpu = None
+    if device == "cuda":
+        gpu = detect_local_gpu(profiles_dir=profiles_dir)
+        if gpu is None and setup.dtype is None and setup.bits != 32:
+            import torch  # no NVML: ask torch whether the card does bf16
+
+            setup = setup.with_(dtype="bf16" if torch.cuda.is_bf16_supported() else "fp16")
+    resolved = resolve_setup(setup, spec, gpu)
+    if device == "cpu":
+        resolved = resolved.with_(gpu=None)
+    return spec, resolved
+
+
+def check_profile_args(device: str, steps: int, gpu_memory_fraction, tensor_budget_bytes) -> None:
+    """``ProfileError`` for arguments a run cannot start with (checked before anything is built)."""
+    if device not in ("cpu", "cuda"):
+        raise ProfileError(f"invalid device {device!r}; allowed: cpu, cuda")
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ProfileError(f"invalid steps {steps!r}; must be an integer >= 1")
+    if gpu_memory_fraction is not None:
+        if device != "cuda":
+            raise ProfileError("the GPU memory fraction (gpu_memory_fraction / --memory-fraction) applies to "
+                               "device cuda only; on cpu, tensor_budget_bytes emulates a smaller card")
+        if not 0.0 < float(gpu_memory_fraction) <= 1.0:
+            raise ProfileError(f"invalid gpu_memory_fraction {gpu_memory_fraction!r}; must be in (0, 1]")
+    if tensor_budget_bytes is not None and (not isinstance(tensor_budget_bytes, int) or tensor_budget_bytes < 1):
+        raise ProfileError(f"invalid tensor_budget_bytes {tensor_budget_bytes!r}; must be a positive integer")
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            why = ("this torch is built without CUDA" if torch.version.cuda is None
+                   else "torch finds no usable CUDA device")
+            raise ProfileError(f"device cuda requested but {why} (torch {torch.__version__}); use --device cpu")
+
+
+
+def profile_run(setup, *, device: str = "cpu", steps: int = 3, gpu_memory_fraction: float | None = None,
+                tensor_budget_bytes: int | None = None, profiles_dir=None, seed: int = 0,
+                out_dir: str | os.PathLike | None = None) -> RunRecord:
+    """Run ``steps`` real training steps of ``setup`` on ``device`` and return the record.
+
+    ``setup`` is a ``TrainSetup`` (resolved here: bad values raise ``InvalidSetupError`` before anything runs).
+    ``gpu_memory_fraction`` caps the CUDA caching allocator (``torch.cuda.set_per_process_memory_fraction``) to
+    emulate a smaller card. ``tensor_budget_bytes`` emulates a card on any device: a phase whose tracked tensor
+    peak exceeds it ends the run as an out-of-memory result (checked at the end of each phase).
+    With ``out_dir`` the record is also saved there (atomically), whatever the outcome, interrupted included.
+
+    Raises ``ProfileError`` for arguments that cannot run (device cuda without CUDA), ``RunInterrupted`` (a
+    KeyboardInterrupt carrying the partial record) on Ctrl-C. Out of memory and other failures are returned as
+    records with outcome ``"oom"`` / ``"error"``.
+    """
+    check_profile_args(device, steps, gpu_memory_fraction, tensor_budget_bytes)
+    spec, resolved = resolve_for_device(setup, device, profiles_dir)
+    t_start = time.perf_counter()
+
+    import torch
+
+    from .build import build_training_model
+    from .optimizer import make_optimizer
+    from .step import run_steps
+
+    record = RunRecord(outcome="ok", setup=resolved.to_dict(), device=device, steps=steps)
+    record.model = {"name": spec.name, "model_type": spec.model_type, "hf_id": spec.hf_id}
+    notes = record.notes
+    nvml = sampler = None
+    context: dict = {}
+    rec = model = opt = trainable = None
+    interrupted: BaseException | None = None
+    try:
+        if device == "cuda":
+            nvml = NvmlReader()
+            context, ctx_notes = measure_cuda_context(nvml)  # first: before any tensor of ours
+            notes += ctx_notes
+            if gpu_memory_fraction is not None:
+                torch.cuda.set_per_process_memory_fraction(float(gpu_memory_fraction), 0)
+                notes.append(f"CUDA caching allocator capped at {gpu_memory_fraction} of the card")
+            gc.collect()
+            torch.cuda.empty_cache()
+            if nvml.ok:
+                sampler = NvmlSampler(nvml)
+            else:
+                notes.append(f"NVML readings unavailable: {nvml.error}")
+        record.environment, env_notes = collect_environment(device, nvml)
+        notes += env_notes
+        _device_notes(resolved, device, notes)
+
+        rec = StepRecorder(device=device, vocab_size=spec.vocab_size, round_to=512 if device == "cuda" else 1,
+                           nvml=nvml, sampler=sampler, paged_start=paged_count(),
+                           tensor_budget_bytes=tensor_budget_bytes)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                with rec.phase("load", None):
+                    model, info = build_training_model(spec, resolved, device="cuda:0" if device == "cuda" else "cpu",
+                                                       seed=seed)
+                    notes += [n for n in info.notes if not n.startswith("int8:")]  # _device_notes says it
+                    record.model.update(rec.register_model(model).record_fields(),
+                                        spec_params_total=spec.total_params())
+                trainable = [p for p in model.parameters() if p.requires_grad]
+                opt = make_optimizer(resolved, trainable)  # what the HF Trainer builds for this optim
+                rec.watch(trainable, opt)
+                autocast = _autocast_factory(resolved, device)
+                torch.manual_seed(seed + 2)  # the batches' token ids (values do not change memory)
+
+                def completed(step: int) -> None:
+                    record.steps_completed = step
+
+                with rec:
+                    run_steps(model, opt, rec, spec, resolved, steps=steps,
+                              device="cuda:0" if device == "cuda" else "cpu", autocast=autocast, on_step=completed)
+            finally:
+                keep_warnings(caught, notes)
+    except KeyboardInterrupt as exc:
+        interrupted = exc
+        record_failure(record, rec, "interrupted", exc)
+    except Exception as exc:  # noqa: BLE001 - every failure of the run is a result
+        record_failure(record, rec, "oom" if is_oom_error(exc) else "error", exc)
+    finally:
+        try:
+            if sampler is not None:
+                sampler.stop()
+            if rec is not None:
+                notes += [n for n in rec.notes if n not in notes]
+                rec.summarize(record, context)
+            else:
+                StepRecorder(track_tensors=False).summarize(record, context)
+            record.wall_seconds = round(time.perf_counter() - t_start, 3)
+        finally:
+            # drop every reference to the model's tensors before releasing cached memory (a sweep's next run)
+            del model, opt, trainable
+            rec = None
+            _release_memory(device)
+            if gpu_memory_fraction is not None:
+                try:  # the cap is process-wide: lift it so that a later run in this process is not limited
+                    torch.cuda.set_per_process_memory_fraction(1.0, 0)
+                except Exception:  # noqa: BLE001
+                    pass
+            if nvml is not None:
+                nvml.close()
+    if out_dir is not None:
+        save_run(record, out_dir)
+    if interrupted is not None:
+        raise RunInterrupted(record) from interrupted
+    return record
+
+
+def _autocast_factory(setup, device: str):
+    """fp32 weights with a 16-bit compute dtype means mixed precision (HF Trainer's bf16/fp16 flags):
+    torch.autocast; everything else computes in the weights' dtype."""
+    if setup.bits == 32 and setup.dtype != "fp32":
+        import torch
+
+        from .dtypes import torch_dtype
+
+        dt = torch_dtype(setup.dtype)
+        return lambda: torch.autocast(device_type=device, dtype=dt)
+    return nullcontext
+
+
+def _device_notes(setup, device: str, notes: list[str]) -> None:
+    from memplan.plan.optimizers import resolve_optimizer
+
+    if device == "cpu":
+        notes.append("CPU run: tensor-level peak only (no CUDA context, allocator rounding or reserved memory)")
+        if setup.bits == 8:
+            notes.append("CPU int8: bitsandbytes trains Linear8bitLt through MatMul8bitFp (dequantize + float "
+                         "matmul), not the CUDA MatMul8bitLt path; not representative of a GPU")
+        if resolve_optimizer(setup.optimizer).paged:
+            notes.append("paged optimizer on CPU: bitsandbytes falls back to ordinary tensors (counted by the "
+                         "tracker); paged_bytes is null")
+        notes.append("CUDA collectors (allocator statistics, NVML, paged memory) not used on CPU: fields are null")
+    elif resolve_optimizer(setup.optimizer).paged:
+        notes.append("paged optimizer: state of parameters with >= 1e5 values is CUDA managed memory (paged_bytes); "
+                     "torch's allocator does not count it, NVML does while it is resident; the tracker counts it "
+                     "as a CPU storage")
+
+
+def _release_memory(device: str) -> None:
+    gc.collect()
+    if device == "cuda":
+        try:
+            import torch
+
+            torch.cuda.synchronize(0)
+            torch.cuda.empty_cache()
+        except Exception:  # noqa: BLE001
+            pass
+

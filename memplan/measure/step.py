@@ -1,0 +1,56 @@
+"""The one training-step loop of ``memplan simulate`` and ``memplan profile``, as ``transformers.Trainer`` runs it.
+
+A fresh batch per step (``input_ids`` plus the collator's ``labels`` copy, int64, no padding, no attention
+mask), ``loss = model(**batch).loss`` (``Trainer.compute_loss`` keeps only the loss: the output object with the
+logits is dropped before backward), ``loss.backward()``, then ``optimizer.step()`` and
+``zero_grad(set_to_none=True)`` in one phase (zero_grad allocates nothing). Sharing it is what makes a CPU run
+and its simulation the same computation, to the byte (tests/measure/test_simulate.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import nullcontext
+
+import torch
+
+from .recorder import StepRecorder
+
+__all__ = ["make_batch", "forward_loss", "run_steps"]
+
+
+def make_batch(spec, setup, *, device: str = "cpu") -> dict:
+    """One batch as a data collator gives it: ``input_ids`` and ``labels`` (a copy), int64, no padding."""
+    ids = torch.randint(0, spec.vocab_size, (setup.batch_size, setup.seq_len), device=device)
+    return {"input_ids": ids, "labels": ids.clone()}
+
+
+def forward_loss(model, batch) -> torch.Tensor:
+    """``Trainer.compute_loss``: the model output (logits included) is dropped, only the loss survives."""
+    return model(**batch).loss
+
+
+def run_steps(model, optimizer, recorder: StepRecorder, spec, setup, *, steps: int, device: str = "cpu",
+              autocast: Callable = nullcontext, on_step: Callable[[int], None] | None = None) -> int:
+    """``steps`` training steps, each phase inside ``recorder.phase``; returns the number of completed steps.
+
+    ``autocast`` is a context-manager factory the forward runs under (mixed precision); ``on_step(step)`` is
+    called after each completed step (progress, Ctrl-C checks)."""
+    done = 0
+    for step in range(1, steps + 1):
+        batch = make_batch(spec, setup, device=device)
+        recorder.register_inputs(batch)
+        with recorder.phase("forward", step):
+            with autocast():
+                loss = forward_loss(model, batch)
+        with recorder.phase("backward", step):
+            loss.backward()
+        del loss  # Trainer.training_step returns loss.detach(): the graph dies with the step's loss
+        with recorder.phase("optimizer_step", step):
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        del batch
+        done = step
+        if on_step is not None:
+            on_step(step)
+    return done

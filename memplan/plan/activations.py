@@ -1,0 +1,297 @@
+"""Activations, logits and transients: the memory that grows with the batch and the sequence.
+
+Per token (and, for materialised attention scores, per token x position), what one decoder layer saves for
+backward, what the model saves outside its layers, the logits and loss tensors, and the temporaries of the
+backward pass. The reference numbers are the per-op byte attribution of a real OPT-13B LoRA step (32 bytes per
+token per hidden unit per layer, plus the logits terms: docs/memory-model.md, "Activations"); the other
+architectures follow the same rules applied to their transformers 5.23 modeling code (cited inline), and
+``memplan simulate`` checks every one (reports/validation.md).
+
+One owner of two choices: the residual stream's dtype (``memplan.plan.weights.float_weight_bytes``: fp32 after
+``prepare_model_for_kbit_training`` or at 32 bits) and the CUDA attention kernel (``attention_kernel``); every
+term here takes both from there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import TYPE_CHECKING
+
+from memplan.units import ceil_div
+
+from .dtypes import DTYPE_BYTES
+from .trainable import adapted_linears
+from .weights import all_linears, float_weight_bytes
+
+if TYPE_CHECKING:
+    from memplan.catalog.models import ModelSpec
+
+    from .setup import TrainSetup
+
+__all__ = ["LayerActivations", "attention_kernel", "layer_activations", "checkpoint_input_per_token",
+           "model_extras_per_token", "logits_bytes", "backward_transient_per_token",
+           "backward_transient_per_token_seq", "dequant_transient_bytes"]
+
+
+# Activation functions and how many ffn-sized tensors they save for backward (transformers/activations.py):
+# relu saves its output; F.gelu / silu / gelu_pytorch_tanh save their input; NewGELUActivation ("gelu_new")
+# is written in Python and saves input, tanh output, 0.5*input and 1+tanh: four tensors; FastGELUActivation
+# ("gelu_fast", 0.5*x*(1+tanh(x*0.7978845608*(1+0.044715*x*x)))) saves seven: x, 0.044715*x, 0.79788*x,
+# 1+0.044715*x*x, the tanh output, 0.5*x and 1+tanh (each tensor-tensor mul saves both operands).
+_ACT_SAVED = {"relu": 1, "gelu": 1, "gelu_pytorch_tanh": 1, "silu": 1, "swish": 1, "gelu_new": 4,
+              "gelu_fast": 7, "quick_gelu": 2, "bloom_gelu": 1}
+
+
+
+@dataclass(frozen=True)
+class LayerActivations:
+    per_token: int  # bytes saved per token per layer
+    per_token_seq: int  # bytes saved per token per layer per sequence position (eager attention: s^2 terms)
+
+
+def _norms_per_layer(spec: ModelSpec) -> int:
+    n = sum(1 for p in spec.params if p.per_layer and p.kind == "norm" and p.name.endswith("weight"))
+    return n or 2
+
+
+def _norm_saved_per_token(spec: ModelSpec, hb: int, width: int, trainable: bool) -> int:
+    if spec.norm_kind == "rmsnorm":
+        # LlamaRMSNorm & co. (modeling_llama.py): x.to(float32); pow(2) saves the fp32 copy; rsqrt saves
+        # one fp32 per token; the final ``weight * x`` saves x only when the weight trains.
+        saved = 4 * width + 4
+    else:
+        # aten.native_layer_norm saves its input and fp32 mean and rstd per token.
+        saved = hb * width + 8
+    if trainable:
+        saved += hb * width
+    return saved
+
+
+# Falcon broadcasts its shared k/v head to every head with ``expand`` (a view, modeling_falcon.py) and calls
+# SDPA without enable_gqa: no GQA kernel constraint and no k/v copies, in SDPA and eager alike.
+_KV_BROADCAST = frozenset({"falcon"})
+# Eager attention that takes the softmax in the input dtype instead of fp32 + cast back: GPT-2
+# (``softmax(attn_weights, dim=-1)`` then ``.type(value.dtype)``), BERT and Falcon (modeling_<type>.py).
+_EAGER_SOFTMAX_IN_INPUT_DTYPE = frozenset({"gpt2", "bert", "falcon"})
+
+
+def attention_kernel(spec: ModelSpec, setup: TrainSetup) -> str:
+    """The kernel that saves the attention activations of ``setup`` on CUDA (see ``_attention_kernel``), for the
+    residual stream's dtype: the one place the activation and the backward terms take it from."""
+    return _attention_kernel(spec, setup.attn, float_weight_bytes(setup))
+
+
+def _attention_kernel(spec: ModelSpec, attn: str, a: int) -> str:
+    """What saves the attention activations on CUDA: "flash" (flash or memory-efficient SDPA kernels and
+    flash_attention_2 save the same tensors), "math" (SDPA's math fallback) or "eager".
+
+    torch 2.13 SDPA selection (aten/src/ATen/native/transformers/cuda/sdp_utils.cpp): flash needs fp16/bf16,
+    head_dim <= 256 and no explicit mask, and supports GQA; memory-efficient also takes fp32 and masks but not
+    GQA; otherwise math. transformers passes enable_gqa only without a mask (integrations/sdpa_attention.py
+    use_gqa_in_sdpa); with a mask it repeats k/v itself.
+    """
+    if attn != "sdpa":
+        return "flash" if attn == "flash_attention_2" else "eager"
+    gqa = spec.num_key_value_heads < spec.num_attention_heads and spec.model_type not in _KV_BROADCAST
+    # gpt_bigcode too: in transformers 5.23 it builds its mask with masking_utils.create_causal_mask (None for an
+    # unpadded batch) and calls integrations/sdpa_attention.py, so multi-query attention is GQA with enable_gqa.
+    if a < 4 and spec.head_dim <= 256:
+        return "flash"
+    return "math" if gqa and spec.head_dim <= 256 else "flash"
+
+
+def layer_activations(spec: ModelSpec, setup: TrainSetup) -> LayerActivations:
+    """Bytes one decoder layer keeps for backward, per token (and per token x seq for eager attention)."""
+    return _layer_activations_cached(spec, setup.attn, setup.lora_dropout, setup.adapter_dtype, setup.rank,
+                                     setup.targets or "", setup.method, setup.bits, setup.dtype,
+                                     float_weight_bytes(setup))
+
+
+def checkpoint_input_per_token(spec: ModelSpec, setup: TrainSetup) -> int:
+    """What gradient checkpointing keeps of each layer: its input, one hidden state per token."""
+    return spec.hidden_size * float_weight_bytes(setup)
+
+
+@lru_cache(maxsize=4096)
+def _layer_activations_cached(spec: ModelSpec, attn: str, lora_dropout: float, adapter_dtype: str, rank: int,
+                              targets: str, method: str, bits: int, dtype: str, hb: int) -> LayerActivations:
+    h = spec.hidden_size
+    d = spec.head_dim
+    q_dim = spec.num_attention_heads * d
+    kv_dim = spec.num_key_value_heads * d
+    heads = spec.num_attention_heads
+    ffn = spec.intermediate_size
+    a = hb  # activations inside the layer follow the residual stream's dtype (float_weight_bytes)
+    full = method == "full"
+    per_tok = 0
+    per_tok_seq = 0
+
+    # Norms: each saves its input (+ per-token statistics).
+    per_tok += _norms_per_layer(spec) * _norm_saved_per_token(spec, a, h, trainable=full)
+
+    # Attention: which kernel saves what (see _attention_kernel).
+    kernel = _attention_kernel(spec, attn, a)
+    if kernel == "flash":
+        # flash / memory-efficient kernels (and flash_attention_2) save q, k, v, the output and an fp32
+        # logsumexp per head and token (aten._scaled_dot_product_flash_attention's saved outputs,
+        # docs/memory-model.md). GQA runs natively without repeat_kv when there is no mask
+        # (transformers/integrations/sdpa_attention.py use_gqa_in_sdpa).
+        per_tok += a * (q_dim + 2 * kv_dim + q_dim) + 4 * heads
+    else:
+        # eager_attention_forward and SDPA's math kernel: k and v repeated to every head; the q @ k^T matmul
+        # saves q and k.
+        kv_saved = kv_dim if spec.model_type in _KV_BROADCAST else q_dim
+        per_tok += a * (q_dim + 2 * kv_saved)
+        # The probabilities, per head and (token x position):
+        # - eager, softmax in the input dtype (gpt2, bert, falcon): softmax saves its output;
+        # - eager, softmax(dtype=float32).to(dtype) (the rest): softmax saves its fp32 output, and in half
+        #   precision the .to(dtype) copy is what the matmul with v saves;
+        # - SDPA's math kernel (attention.cpp _scaled_dot_product_attention_math): fp32 throughout; the
+        #   matmul with v saves the softmax output itself and the half weights copy it returns is dropped.
+        # With attention dropout the matmul saves the dropped-out probabilities instead (dropout keeps only a
+        # bool mask, so a half .to(dtype) copy is freed once dropped out): eager's F.dropout, and the math
+        # kernel's at::dropout, are native_dropout for CUDA tensors (aten/src/ATen/native/Dropout.cpp
+        # is_fused_kernel_acceptable). tests/test_trace.py checks the math kernel op for op.
+        if kernel == "eager" and spec.model_type in _EAGER_SOFTMAX_IN_INPUT_DTYPE:
+            probs_bytes, copy_bytes, matmul_dtype_bytes = a, 0, a
+        elif kernel == "eager":
+            probs_bytes, copy_bytes, matmul_dtype_bytes = 4, (a if a < 4 else 0), a
+        else:
+            probs_bytes, copy_bytes, matmul_dtype_bytes = 4, 0, 4
+        if spec.attention_dropout > 0:
+            per_tok_seq += heads * (probs_bytes + 1 + matmul_dtype_bytes)
+        else:
+            per_tok_seq += heads * (probs_bytes + copy_bytes)
+        if spec.attn_logit_softcapping and kernel == "eager":
+            per_tok_seq += heads * a  # tanh output saved (gemma-2 softcapping)
+    if spec.model_type == "phi3":
+        # Phi3Attention slices q, k, v out of one qkv_proj output; q and k are replaced by their rotary
+        # copies but v stays a view, so saving v keeps the whole fused buffer alive (modeling_phi3.py).
+        per_tok += a * (q_dim + kv_dim)
+    if spec.residual_dropout > 0:
+        # CUDA native_dropout saves a bool mask per residual dropout (after attention and/or after the MLP;
+        # the spec counts the sites transformers 5.23 really applies).
+        per_tok += spec.residual_dropout_sites * h
+
+    # MLP.
+    n_saved = _ACT_SAVED.get(spec.hidden_act, 1)
+    if spec.num_experts > 1:
+        k = spec.num_experts_per_tok
+        # transformers 5 MoE experts loop: per routed token, gate_up output (2 ffn, saved by act and mul),
+        # act output (ffn, saved by mul), down output (h, saved by the routing-weight mul); the router saves
+        # its fp32 softmax over experts.
+        per_tok += k * a * (3 * ffn + h) + 4 * spec.num_experts
+    elif spec.mlp_kind == "gated":
+        # act(gate) saves gate; act(gate) * up saves both operands (modeling_llama.py LlamaMLP).
+        per_tok += a * (n_saved * ffn + 2 * ffn)
+    else:
+        # fc1 -> act -> fc2 with frozen fc1/fc2: only the activation's saved tensors stay.
+        per_tok += a * n_saved * ffn
+        if spec.activation_dropout > 0:
+            per_tok += ffn  # mask
+    if full:
+        # Trainable weights make every linear save its input: the normed input (shared by q/k/v), the
+        # attention output, the MLP input and the MLP hidden activation.
+        per_tok += a * (h + q_dim + h + ffn * max(1, spec.num_experts_per_tok if spec.num_experts > 1 else 1))
+
+    # LoRA: per adapted module, lora_A's input (x cast to the adapter dtype, or the dropout output) is saved,
+    # plus the dropout's bool mask and lora_A's output, saved by lora_B (peft/tuners/lora/layer.py Linear).
+    if method != "full" and targets:
+        ab = DTYPE_BYTES[adapter_dtype]
+        layer_names = {x.name for x in spec.layer_linears}
+        lora_tok = 0
+        for lin in adapted_linears(spec, targets):
+            if lin.name not in layer_names:
+                continue  # top-level modules are handled with the model extras
+            width = lin.in_features
+            routed = spec.num_experts_per_tok if lin.num_experts > 1 else 1
+            r = rank * lin.lora_rank_multiplier
+            # Targets restricted to some layers: spread their bytes over the stack (a per-layer average).
+            lora_tok += spec.instances(lin) * routed * (width * ab + (width if lora_dropout > 0 else 0) + r * ab)
+        per_tok += ceil_div(lora_tok, spec.num_layers)
+
+    # LLM.int8 (bnb MatMul8bitLt) saves its input A for the input gradient, once per distinct input that
+    # no other op saves already: the normed inputs of attention and MLP, and the MLP hidden activation when
+    # the activation function saved its input rather than its output.
+    if bits == 8:
+        distinct = h if spec.parallel_attn_mlp else 2 * h
+        if attn == "eager":
+            distinct += q_dim
+        if spec.hidden_act != "relu":
+            distinct += ffn
+        per_tok += a * distinct
+    return LayerActivations(per_tok, per_tok_seq)
+
+
+def model_extras_per_token(spec: ModelSpec, setup: TrainSetup) -> int:
+    """Per-token bytes saved outside the layer stack: ids/labels, embedding dropout, final norm."""
+    hb = float_weight_bytes(setup)
+    per_tok = 2 * 8  # input_ids and labels, int64
+    if spec.embedding_dropout > 0:
+        per_tok += spec.hidden_size  # bool mask
+    per_tok += _norm_saved_per_token(spec, hb, spec.hidden_size, trainable=setup.method == "full")
+    if not spec.is_causal_lm:
+        # BERT MLM head transform: gelu saves its input, LayerNorm saves its input (modeling_bert.py).
+        per_tok += 2 * hb * spec.hidden_size + 8
+    if setup.method != "full" and setup.targets:
+        top = {x.name for x in spec.top_linears + spec.tied_linears}  # adapters on lm_head save its input too
+        ab = DTYPE_BYTES[setup.adapter_dtype]
+        for lin in adapted_linears(spec, setup.targets):
+            if lin.name in top:  # same terms as a per-layer adapter (see _layer_activations_cached)
+                mask = lin.in_features if setup.lora_dropout > 0 else 0
+                per_tok += lin.in_features * ab + mask + setup.rank * lin.lora_rank_multiplier * ab
+    return per_tok
+
+
+def logits_bytes(spec: ModelSpec, setup: TrainSetup, tokens: int) -> tuple[int, int]:
+    """(forward_end, backward_start) bytes of the logits and loss tensors.
+
+    transformers ForCausalLMLoss (loss/loss_utils.py) upcasts the logits to fp32 and calls cross_entropy:
+    log_softmax saves its fp32 output. At the start of backward, nll_loss's gradient (fp32) and
+    log_softmax's gradient (fp32) join the saved log-softmax: tokens x vocab x 12 (for OPT-13B at 512
+    tokens 3 x 98 MiB, docs/memory-model.md). The lm_head's own output is gone by then when the training loop
+    keeps only the loss (the HF Trainer's compute_loss does; a loop that holds the model output also keeps
+    the 16-bit logits, 49 MiB there) — ``memplan simulate`` agrees to the byte.
+    """
+    lb = float_weight_bytes(setup)  # the lm_head computes in its weight's dtype
+    tv = tokens * spec.vocab_size
+    if not spec.is_causal_lm:
+        # BertForMaskedLM calls CrossEntropyLoss on the scores as they are (no fp32 upcast): log-softmax and
+        # both gradients in the logits' dtype (modeling_bert.py).
+        return tv * 2 * lb, tv * 3 * lb
+    softcap = tv * lb if spec.final_logit_softcapping else 0  # gemma-2: tanh output saved
+    upcast_copy = tv * 4 if lb < 4 else 0
+    fwd = tv * lb + upcast_copy + tv * 4 + softcap  # the fp32 copy is alive while log_softmax runs
+    bwd = tv * 12 + softcap
+    return fwd, bwd
+
+
+def backward_transient_per_token(spec: ModelSpec, setup: TrainSetup) -> int:
+    """Gradient temporaries while backpropagating one layer: incoming and outgoing hidden-state gradients
+    plus the MLP's intermediate gradients (gated: three ffn-wide, plain: two)."""
+    h, ffn = spec.hidden_size, spec.intermediate_size
+    if spec.num_experts > 1:
+        mlp = spec.num_experts_per_tok * 3 * ffn
+    else:
+        mlp = (3 if spec.mlp_kind == "gated" else 2) * ffn
+    return float_weight_bytes(setup) * (2 * h + mlp)
+
+
+def backward_transient_per_token_seq(spec: ModelSpec, setup: TrainSetup) -> int:
+    """Materialised attention (eager, SDPA's math kernel) makes fp32 gradients of the probabilities and the
+    scores in backward."""
+    if attention_kernel(spec, setup) == "flash":
+        return 0
+    return 2 * 4 * spec.num_attention_heads
+
+
+def dequant_transient_bytes(spec: ModelSpec, setup: TrainSetup) -> int:
+    """bnb dequantizes a 4-bit weight to the compute dtype for the matmul in forward (training path) and
+    backward (bitsandbytes/autograd/_functions.py MatMul4Bit), and int8 backward multiplies by the
+    dequantized CB * SCB / 127: one weight of the largest quantized layer is alive at a time."""
+    if setup.bits not in (4, 8):
+        return 0
+    largest = max((lin.weight_numel // lin.num_experts for lin, _ in all_linears(spec) if lin.quantized_by_bnb),
+                  default=0)
+    return largest * DTYPE_BYTES[setup.dtype]

@@ -1,0 +1,290 @@
+"""The search: the best fine-tuning setup that fits a budget, the alternatives, and what the next step up costs.
+
+Ranking rule (stated in the README; every knob can be pinned):
+1. higher precision of the base weights (16 > 8 > 4 bits),
+2. larger LoRA rank (64 > 32 > 16 > 8),
+3. adapters on all linear layers over the model's default targets (QLoRA, Dettmers et al. 2023, §4: adapting
+   every linear layer is what matches full fine-tuning quality),
+4. the largest micro-batch that fits (powers of two up to ``max_batch``),
+5. no gradient checkpointing over checkpointing (checkpointing recomputes the forward, ~30% slower),
+6. the optimizer in the order: adamw_torch, adamw_bnb_8bit, paged_adamw_8bit (exact first, paged last).
+
+A plan fits when its estimated peak, CUDA context included, is within the ``Budget``
+(``memplan.plan.budget``): for a card, its total memory minus the headroom.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+from memplan.errors import InvalidSetupError
+
+from .budget import Budget, check_headroom
+from .changes import Change, smallest_changes
+from .estimate import Estimate, estimate_for
+from .setup import TrainSetup, resolve_setup, sequence_limit
+
+if TYPE_CHECKING:
+    from memplan.catalog.gpus import GPUSpec
+    from memplan.catalog.models import ModelSpec
+
+__all__ = ["FitResult", "NextStep", "fit", "fit_for", "smallest_gpu", "SEARCH_BITS", "SEARCH_RANKS",
+           "SEARCH_OPTIMIZERS", "DEFAULT_MAX_BATCH"]
+
+SEARCH_BITS = (16, 8, 4)
+SEARCH_RANKS = (64, 32, 16, 8)
+SEARCH_OPTIMIZERS = ("adamw_torch", "adamw_bnb_8bit", "paged_adamw_8bit")
+DEFAULT_MAX_BATCH = 64
+# Upper bound for "longest sequence at batch 1" on rotary / alibi models (Llama-3.1's context is 131072).
+MAX_SEQ_SEARCH = 131072
+
+
+@dataclass(frozen=True)
+class NextStep:
+    """What the recommended plan would need at the next micro-batch size up."""
+
+    estimate: Estimate
+    shortfall_bytes: int  # how much more than the budget it needs (> 0)
+    smallest_gpu: str | None  # the smallest catalog card it fits (its name), if any
+
+
+@dataclass(frozen=True)
+class FitResult:
+    model: str
+    gpu: GPUSpec
+    headroom: float
+    budget: Budget
+    recommended: Estimate | None
+    alternatives: tuple[Estimate, ...]
+    next_batch: NextStep | None
+    max_seq_len_batch1: int | None  # longest sequence that fits at batch 1 with the recommended settings
+    smallest_gpu: str | None  # when nothing fits: the smallest card the leanest plan fits
+    leanest: Estimate  # the leanest plan searched (reported when nothing fits)
+    evaluated: int  # number of estimates computed
+    max_seq_len_is_model_limit: bool = False  # the search stopped at learned position embeddings, not memory
+    # When nothing fits with the pinned knobs: single changes of a pinned knob after which the leanest plan
+    # fits (``smallest_changes``), so that a --config user learns what to change or --free.
+    changes: tuple[Change, ...] = ()
+
+    @property
+    def budget_bytes(self) -> int:
+        """What a plan's total (CUDA context included) may reach: total - headroom."""
+        return self.budget.limit_bytes
+
+    @property
+    def usable_bytes(self) -> int:
+        """What torch may allocate: total - CUDA context - headroom."""
+        return self.budget.usable_bytes
+
+    def to_dict(self) -> dict:
+        return {
+            "model": self.model,
+            "gpu": {
+                "name": self.gpu.name,
+                "id": self.gpu.id,
+                "total_bytes": self.gpu.total_bytes,
+                "cuda_context_bytes": self.gpu.cuda_context_bytes,
+                "headroom": self.headroom,
+                "budget_bytes": self.budget_bytes,
+                "usable_bytes": self.usable_bytes,
+            },
+            "recommended": self.recommended.to_dict() if self.recommended else None,
+            "alternatives": [e.to_dict() for e in self.alternatives],
+            "next_batch": None if self.next_batch is None else {
+                "estimate": self.next_batch.estimate.to_dict(),
+                "shortfall_bytes": self.next_batch.shortfall_bytes,
+                "smallest_gpu": self.next_batch.smallest_gpu,
+            },
+            "max_seq_len_batch1": self.max_seq_len_batch1,
+            "max_seq_len_is_model_limit": self.max_seq_len_is_model_limit,
+            "smallest_gpu": self.smallest_gpu,
+            "leanest": self.leanest.to_dict(),
+            "changes": [c.to_dict() for c in self.changes],
+            "evaluated": self.evaluated,
+        }
+
+
+def fit(setup: TrainSetup, gpu: GPUSpec | str, *, headroom: float | None = None, pinned: frozenset[str] = frozenset(),
+        max_batch: int = DEFAULT_MAX_BATCH, profiles_dir=None) -> FitResult:
+    """Search the best plan for ``setup.model`` on ``gpu``. Fields named in ``pinned`` keep ``setup``'s value."""
+    from memplan.catalog.gpus import load_gpu
+    from memplan.catalog.models import load_model
+
+    spec = load_model(setup.model, profiles_dir=profiles_dir)
+    gpu_spec = load_gpu(gpu, profiles_dir=profiles_dir) if isinstance(gpu, str) else gpu
+    return fit_for(spec, setup, gpu_spec, headroom=headroom, pinned=pinned, max_batch=max_batch,
+                   profiles_dir=profiles_dir)
+
+
+class _Searcher:
+    def __init__(self, spec: ModelSpec, gpu: GPUSpec | None, budget: Budget):
+        self.spec, self.gpu, self.budget = spec, gpu, budget
+        self.evaluated = 0
+
+    def est(self, setup: TrainSetup) -> Estimate:
+        self.evaluated += 1
+        return estimate_for(self.spec, setup, self.gpu)
+
+    def fits(self, e: Estimate) -> bool:
+        return self.budget.fits(e.total_bytes)
+
+    def max_batch(self, resolved: TrainSetup, batches: list[int]) -> Estimate | None:
+        """The estimate at the largest batch in ``batches`` (ascending) that fits; memory grows with batch."""
+        lo, hi, best = 0, len(batches) - 1, None
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            e = self.est(replace(resolved, batch_size=batches[mid]))
+            if self.fits(e):
+                best, lo = e, mid + 1
+            else:
+                hi = mid - 1
+        return best
+
+    def max_seq(self, resolved: TrainSetup, limit: int) -> int | None:
+        lo, hi, best = 1, limit, None
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            if self.fits(self.est(replace(resolved, batch_size=1, seq_len=mid))):
+                best, lo = mid, mid + 1
+            else:
+                hi = mid - 1
+        return best
+
+
+def _rank_key(e: Estimate) -> tuple:
+    s = e.setup
+    targets_pref = 1 if s.targets == "all-linear" else 0
+    opt_pref = -SEARCH_OPTIMIZERS.index(s.optimizer) if s.optimizer in SEARCH_OPTIMIZERS else 0
+    return (s.bits, s.rank if s.method != "full" else 0, targets_pref, s.batch_size, not s.grad_ckpt, opt_pref)
+
+
+def fit_for(spec: ModelSpec, setup: TrainSetup, gpu: GPUSpec | None, *, budget: Budget | None = None,
+            headroom: float | None = None, pinned: frozenset[str] = frozenset(),
+            max_batch: int = DEFAULT_MAX_BATCH, profiles_dir=None) -> FitResult:
+    """The search for a resolved model ``spec``. ``budget`` defaults to ``gpu``'s total minus ``headroom``;
+    ``gpu`` (a card, or None) decides the CUDA context and the dtypes and kernels the card supports."""
+    headroom = check_headroom(headroom)
+    if budget is None:
+        budget = Budget.for_gpu(gpu, headroom)
+    if max_batch < 1:
+        raise InvalidSetupError(f"invalid max batch {max_batch!r}; must be >= 1")
+    s = _Searcher(spec, gpu, budget)
+
+    def pick(name: str, values):
+        return (getattr(setup, name),) if name in pinned else tuple(values)
+
+    method_pinned = "method" in pinned
+    if method_pinned and setup.method == "full":
+        bits_values = pick("bits", (16,))
+    elif method_pinned and setup.method == "qlora":
+        bits_values = (4,)
+    else:
+        bits_values = pick("bits", SEARCH_BITS)
+    full = method_pinned and setup.method == "full"
+    rank_values = (setup.rank,) if full else pick("rank", SEARCH_RANKS)
+    default_targets = ",".join(spec.default_lora_targets())
+    target_values = (None,) if full else pick("targets", dict.fromkeys((default_targets, "all-linear")))
+    ckpt_values = pick("grad_ckpt", (False, True))
+    opt_values = pick("optimizer", SEARCH_OPTIMIZERS)
+    if "batch_size" in pinned:
+        batches = [setup.batch_size]
+    else:
+        batches = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512) if b <= max_batch]
+
+    best_by_combo: list[Estimate] = []
+    leanest: Estimate | None = None
+    first_error: InvalidSetupError | None = None
+    for bits in bits_values:
+        method = setup.method if method_pinned else ("qlora" if bits == 4 else "lora")
+        for rank in rank_values:
+            for targets in target_values:
+                for ckpt in ckpt_values:
+                    for opt in opt_values:
+                        candidate = replace(setup, method=method, bits=bits, rank=rank, targets=targets,
+                                            grad_ckpt=ckpt, optimizer=opt, batch_size=batches[0])
+                        try:
+                            resolved = resolve_setup(candidate, spec, gpu)
+                        except InvalidSetupError as exc:
+                            # e.g. all-linear on Mixtral with LoRA dropout (peft refuses it): other combinations
+                            # may still run; when none can, the first reason is the answer
+                            first_error = first_error or exc
+                            continue
+                        at_one = s.est(resolved)
+                        if leanest is None or at_one.total_bytes < leanest.total_bytes:
+                            leanest = at_one
+                        if s.fits(at_one):
+                            best_by_combo.append(s.max_batch(resolved, batches) or at_one)
+    if leanest is None:  # no combination of the searched knobs can run: a bad value the user gave
+        raise first_error
+
+    if not best_by_combo:
+        changes = _pinned_changes(spec, leanest.setup, gpu, budget, pinned)
+        return FitResult(spec.name, gpu, headroom, budget, None, (), None, None,
+                         smallest_gpu(spec, leanest.setup, headroom, profiles_dir), leanest, s.evaluated,
+                         changes=changes)
+
+    ranked = sorted(best_by_combo, key=_rank_key, reverse=True)
+    recommended = ranked[0]
+    alternatives = _alternatives(recommended, ranked)
+
+    next_batch = None
+    if "batch_size" not in pinned:
+        bigger = s.est(replace(recommended.setup, batch_size=recommended.setup.batch_size * 2))
+        next_batch = NextStep(bigger, budget.shortfall(bigger.total_bytes),
+                              smallest_gpu(spec, bigger.setup, headroom, profiles_dir))
+    limit = sequence_limit(spec)
+    max_seq = s.max_seq(recommended.setup, limit or max(MAX_SEQ_SEARCH, spec.max_position_embeddings or 0))
+    return FitResult(spec.name, gpu, headroom, budget, recommended, alternatives, next_batch, max_seq, None,
+                     leanest, s.evaluated, max_seq_len_is_model_limit=max_seq == limit)
+
+
+def _pinned_changes(spec: ModelSpec, leanest: TrainSetup, gpu: GPUSpec | None, budget: Budget,
+                    pinned: frozenset[str]) -> tuple[Change, ...]:
+    """``smallest_changes`` of the leanest plan that touch a pinned knob (the search tried every free one)."""
+    if not pinned:
+        return ()
+    touched = {"batch_size": {"batch_size"}, "grad_ckpt": {"grad_ckpt"}, "optimizer": {"optimizer"},
+               "bits": {"bits", "method"}}
+    return tuple(c for c in smallest_changes(spec, leanest, gpu, budget)
+                 if any(pinned & touched.get(k, {k}) for k in c.fields))
+
+
+def _alternatives(recommended: Estimate, ranked: list[Estimate]) -> tuple[Estimate, ...]:
+    """The best plan at each other bit width, then at the recommended bits: the largest batch, and the
+    other choice of checkpointing and of targets. No duplicates, ranked order kept within each kind."""
+    rs = recommended.setup
+    picks: list[Estimate] = []
+
+    def first(pred) -> None:
+        for e in ranked:
+            if e is not recommended and pred(e.setup) and all(e.setup != p.setup for p in picks):
+                picks.append(e)
+                return
+
+    for bits in (16, 8, 4, 32):
+        if bits != rs.bits:
+            first(lambda s, b=bits: s.bits == b)
+    same_bits = [e for e in ranked if e.setup.bits == rs.bits and e is not recommended]
+    if same_bits:
+        widest = max(same_bits, key=lambda e: (e.setup.batch_size, -e.total_bytes))
+        if widest.setup.batch_size > rs.batch_size and all(widest.setup != p.setup for p in picks):
+            picks.append(widest)
+    first(lambda s: s.bits == rs.bits and s.grad_ckpt != rs.grad_ckpt)
+    first(lambda s: s.bits == rs.bits and s.targets != rs.targets)
+    return tuple(picks)
+
+
+def smallest_gpu(spec: ModelSpec, setup: TrainSetup, headroom: float | None, profiles_dir=None) -> str | None:
+    """Name of the catalog card with the least memory on which ``setup`` fits (with ``headroom`` kept free)."""
+    from memplan.catalog.gpus import list_gpus
+
+    for card in sorted(list_gpus(profiles_dir=profiles_dir), key=lambda g: g.total_bytes):
+        try:
+            resolved = resolve_setup(replace(setup, dtype=None if not card.bf16 and setup.dtype == "bf16"
+                                             else setup.dtype), spec, card)
+        except InvalidSetupError:
+            continue
+        if Budget.for_gpu(card, headroom).fits(estimate_for(spec, resolved, card).total_bytes):
+            return card.name
+    return None

@@ -1,0 +1,276 @@
+"""``TrainSetup``: one fine-tuning configuration, validated and with every default made explicit.
+
+A setup is what a user's training script decides: the method (LoRA, QLoRA, full fine-tuning), how the frozen
+base weights are stored (bits), the compute dtype, the LoRA adapter, the optimizer, the micro-batch, the
+sequence length, gradient checkpointing and the attention implementation. ``resolve_setup`` turns a partly
+filled setup into a complete one (``None`` means "the default for this model and card") and rejects values
+that are out of range or contradict each other, naming the bad value and what is allowed.
+
+This module owns every knob: its values, its default (the ``TrainSetup`` field default, or the rule that fills
+a ``None``) and its help text (``KNOBS``, from which the command line builds its flags), and the one rule for
+how long a sequence a model takes (``sequence_limit``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+from functools import lru_cache
+from typing import TYPE_CHECKING
+
+from memplan.errors import InvalidSetupError
+
+from .dtypes import DTYPES
+from .optimizers import resolve_optimizer
+
+if TYPE_CHECKING:
+    from memplan.catalog.gpus import GPUSpec
+    from memplan.catalog.models import ModelSpec
+
+__all__ = ["TrainSetup", "Knob", "KNOBS", "resolve_setup", "sequence_limit", "default_attention",
+           "describe_setup", "METHODS", "BITS", "QUANT_TYPES", "ADAPTER_DTYPES", "ATTN_IMPLEMENTATIONS",
+           "DEFAULT_SEQ_LEN"]
+
+METHODS = ("lora", "qlora", "full")
+BITS = (4, 8, 16, 32)
+QUANT_TYPES = ("nf4", "fp4")
+ADAPTER_DTYPES = ("fp32", "bf16", "fp16")
+ATTN_IMPLEMENTATIONS = ("auto", "eager", "sdpa", "flash_attention_2")
+
+# transformers 5.23 model classes without ``_supports_sdpa = True`` (checked in
+# ``transformers/models/<type>/modeling_<type>.py``): asking them for SDPA raises, and ``auto`` picks eager.
+_NO_SDPA = frozenset({"bloom", "gemma2"})
+# ... and without ``_supports_flash_attn = True``.
+_NO_FLASH = frozenset({"bloom"})
+
+DEFAULT_SEQ_LEN = 512
+DEFAULT_RANK = 8  # peft ``LoraConfig.r`` default
+DEFAULT_LORA_DROPOUT = 0.05  # the common QLoRA / alpaca-lora recipe value (peft's own default is 0.0)
+
+
+@dataclass(frozen=True)
+class TrainSetup:
+    """One training configuration. ``None`` fields are filled by ``resolve_setup``."""
+
+    model: str
+    method: str = "lora"
+    bits: int | None = None  # storage of the frozen base weights: 32/16 float, 8 LLM.int8, 4 NF4/FP4
+    quant_type: str = "nf4"
+    double_quant: bool = True
+    dtype: str | None = None  # compute dtype; default bf16 where the card supports it, else fp16
+    rank: int = DEFAULT_RANK
+    alpha: int | None = None  # does not change memory; default 2 * rank
+    targets: str | None = None  # comma-separated module names, a regex, or "all-linear"; default: peft's
+    lora_dropout: float = DEFAULT_LORA_DROPOUT
+    adapter_dtype: str = "fp32"  # peft ``autocast_adapter_dtype=True`` keeps adapters in fp32
+    optimizer: str = "adamw_torch"  # the HF TrainingArguments default
+    batch_size: int = 1
+    seq_len: int = DEFAULT_SEQ_LEN
+    grad_ckpt: bool = False
+    attn: str = "auto"
+    upcast_non_quantized: bool | None = None  # peft.prepare_model_for_kbit_training; default on for 4/8 bits
+    gpu: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def with_(self, **changes) -> TrainSetup:
+        """A copy with some fields changed (re-resolve it before estimating)."""
+        return replace(self, **changes)
+
+    @property
+    def trains_lora(self) -> bool:
+        return self.method in ("lora", "qlora")
+
+
+@dataclass(frozen=True)
+class Knob:
+    """One ``TrainSetup`` field as a command-line flag: its values and its help. The default shown is the
+    field's own default, or ``default_text`` for fields whose ``None`` is filled by ``resolve_setup``."""
+
+    field: str
+    flag: str
+    help: str
+    kind: type = str  # str, int, float or bool (a --flag / --no-flag pair)
+    choices: tuple | None = None
+    default_text: str | None = None
+    searched: bool = False  # memplan fit searches it unless it is given
+
+    @property
+    def default(self):
+        return _FIELD_DEFAULTS[self.field]
+
+    def help_text(self, *, show_default: bool = True) -> str:
+        if not show_default:
+            return self.help
+        shown = self.default_text if self.default_text is not None else self.default
+        if isinstance(shown, bool):
+            shown = "on" if shown else "off"
+        return f"{self.help} (default {shown})"
+
+
+_FIELD_DEFAULTS = {f.name: f.default for f in fields(TrainSetup)}
+
+KNOBS: tuple[Knob, ...] = (
+    Knob("method", "--method", "lora, qlora (= 4-bit base weights) or full (every weight trains)",
+         choices=METHODS, searched=True),
+    Knob("bits", "--bits", "storage of the frozen base weights: 16/32 float, 8 LLM.int8, 4 NF4/FP4", int,
+         BITS, "16 for lora, 4 for qlora", searched=True),
+    Knob("quant_type", "--quant", "4-bit data type", choices=QUANT_TYPES),
+    Knob("double_quant", "--double-quant", "quantize the 4-bit quantization constants", bool),
+    Knob("dtype", "--dtype", "compute dtype", choices=DTYPES,
+         default_text="bf16 where the card supports it, else fp16; fp32 at 32 bits"),
+    Knob("rank", "--rank", "LoRA rank r", int, searched=True),
+    Knob("alpha", "--alpha", "LoRA alpha (no effect on memory)", int, default_text="2r"),
+    Knob("targets", "--targets", "LoRA target modules: q_proj,v_proj | all-linear | a regex",
+         default_text="peft's default for the architecture", searched=True),
+    Knob("lora_dropout", "--lora-dropout", "LoRA dropout", float),
+    Knob("adapter_dtype", "--adapter-dtype", "dtype of the LoRA weights (peft keeps them fp32)",
+         choices=ADAPTER_DTYPES),
+    Knob("optimizer", "--optimizer", "HF TrainingArguments.optim name: adamw_torch, adamw_bnb_8bit, "
+         "paged_adamw_8bit, paged_adamw_32bit, sgd, sgd_momentum, rmsprop, adafactor, ...", searched=True),
+    Knob("batch_size", "--batch-size", "micro-batch size per step", int, searched=True),
+    Knob("seq_len", "--seq-len", "tokens per sequence", int),
+    Knob("grad_ckpt", "--grad-ckpt", "gradient checkpointing", bool, searched=True),
+    Knob("attn", "--attn", "attention implementation", choices=ATTN_IMPLEMENTATIONS,
+         default_text="auto: sdpa where transformers supports it, else eager"),
+    Knob("upcast_non_quantized", "--upcast", "prepare_model_for_kbit_training's fp32 upcast of the "
+         "non-quantized weights", bool, default_text="on at 4/8 bits"),
+)
+
+
+def sequence_limit(spec: ModelSpec) -> int | None:
+    """The longest sequence ``spec`` takes: the learned position embeddings' size (OPT, GPT-2, BERT); None for
+    rotary and ALiBi models, which have no table to run out of."""
+    return spec.max_seq_len
+
+
+def default_attention(spec: ModelSpec) -> str:
+    """What ``attn="auto"`` becomes: sdpa where transformers supports it for the architecture, else eager."""
+    return "eager" if spec.model_type in _NO_SDPA else "sdpa"
+
+
+def describe_setup(setup: TrainSetup) -> str:
+    """``8-bit LLM.int8 LoRA r=64 on all-linear, batch 8, seq 512, checkpointing, adamw_torch, sdpa, bf16``."""
+    s = setup
+    if s.bits == 4:
+        weights = f"4-bit {s.quant_type}{' + double quant' if s.double_quant else ''}"
+    elif s.bits == 8:
+        weights = "8-bit LLM.int8"
+    else:
+        weights = f"{s.bits}-bit"
+    adapter = "full fine-tuning" if s.method == "full" else f"LoRA r={s.rank} on {s.targets}"
+    ckpt = "checkpointing" if s.grad_ckpt else "no checkpointing"
+    return (f"{weights} {adapter}, batch {s.batch_size}, seq {s.seq_len}, {ckpt}, {s.optimizer}, "
+            f"{s.attn}, {s.dtype}")
+
+
+def _check_choice(field: str, value, allowed) -> None:
+    if value not in allowed:
+        shown = ", ".join(str(a) for a in allowed)
+        raise InvalidSetupError(f"invalid {field} {value!r}; allowed: {shown}")
+
+
+@lru_cache(maxsize=1024)
+def _parameter_targets(spec: ModelSpec, targets: str) -> tuple[str, ...]:
+    """Resolve (raising for a module the model does not have) and return the targets peft adapts through
+    ``target_parameters`` (Mixtral's router and fused experts in transformers 5)."""
+    return tuple(lin.name for lin in spec.resolve_targets(targets) if lin.peft_target == "parameter")
+
+
+def resolve_setup(setup: TrainSetup, spec: ModelSpec, gpu: GPUSpec | None = None) -> TrainSetup:
+    """Fill defaults and validate; returns a complete setup or raises ``InvalidSetupError``."""
+    _check_choice("method", setup.method, METHODS)
+    method = setup.method
+
+    bits = setup.bits
+    if bits is None:
+        bits = 4 if method == "qlora" else 16
+    _check_choice("bits", bits, BITS)
+    if method == "qlora" and bits != 4:
+        raise InvalidSetupError(f"method 'qlora' means 4-bit base weights, got bits {bits}; use --method lora for 8/16-bit")
+    if method == "full" and bits in (4, 8):
+        raise InvalidSetupError(
+            f"full fine-tuning needs float weights (bits 16 or 32), got bits {bits}; use --method lora or qlora"
+        )
+    _check_choice("quant type", setup.quant_type, QUANT_TYPES)
+
+    dtype = setup.dtype
+    if dtype is None:
+        dtype = "fp32" if bits == 32 else ("bf16" if gpu is None or gpu.bf16 else "fp16")
+    _check_choice("dtype", dtype, DTYPES)
+    if bits == 16 and dtype == "fp32":
+        raise InvalidSetupError("bits 16 stores weights in fp16/bf16, so --dtype fp32 contradicts it; use --bits 32")
+    if dtype == "bf16" and gpu is not None and not gpu.bf16:
+        raise InvalidSetupError(
+            f"{gpu.name} (compute capability {gpu.compute_capability}) has no bf16 support; use --dtype fp16"
+        )
+
+    _check_choice("adapter dtype", setup.adapter_dtype, ADAPTER_DTYPES)
+    if not isinstance(setup.rank, int) or isinstance(setup.rank, bool) or setup.rank < 1:
+        raise InvalidSetupError(f"invalid LoRA rank {setup.rank!r}; must be an integer >= 1")
+    if not 0.0 <= setup.lora_dropout < 1.0:
+        raise InvalidSetupError(f"invalid LoRA dropout {setup.lora_dropout!r}; must be in [0, 1)")
+    if not isinstance(setup.batch_size, int) or setup.batch_size < 1:
+        raise InvalidSetupError(f"invalid batch size {setup.batch_size!r}; must be an integer >= 1")
+    if not isinstance(setup.seq_len, int) or setup.seq_len < 1:
+        raise InvalidSetupError(f"invalid sequence length {setup.seq_len!r}; must be an integer >= 1")
+    limit = sequence_limit(spec)
+    if limit and setup.seq_len > limit:
+        raise InvalidSetupError(
+            f"sequence length {setup.seq_len} exceeds {spec.name}'s learned position embeddings "
+            f"(max_position_embeddings {limit})"
+        )
+
+    optimizer = resolve_optimizer(setup.optimizer).name
+
+    _check_choice("attention implementation", setup.attn, ATTN_IMPLEMENTATIONS)
+    attn = setup.attn
+    if attn == "auto":
+        attn = default_attention(spec)
+    if attn == "sdpa" and spec.model_type in _NO_SDPA:
+        raise InvalidSetupError(f"{spec.model_type} models do not support sdpa attention in transformers; use eager")
+    if attn == "flash_attention_2":
+        if spec.model_type in _NO_FLASH:
+            raise InvalidSetupError(f"{spec.model_type} models do not support flash_attention_2; use eager")
+        if dtype == "fp32":
+            raise InvalidSetupError("flash_attention_2 runs in fp16/bf16 only; use --dtype bf16 or fp16")
+        if gpu is not None and float(gpu.compute_capability) < 8.0:
+            raise InvalidSetupError(
+                f"flash_attention_2 needs compute capability >= 8.0; {gpu.name} has {gpu.compute_capability}"
+            )
+
+    upcast = setup.upcast_non_quantized
+    if upcast is None:
+        upcast = bits in (4, 8)
+    elif upcast and bits not in (4, 8):
+        raise InvalidSetupError("--upcast applies to 4/8-bit (prepare_model_for_kbit_training) only")
+
+    targets = setup.targets
+    alpha = setup.alpha
+    if method == "full":
+        targets, alpha = None, None
+    else:
+        if targets is None:
+            targets = ",".join(spec.default_lora_targets())
+        parameter_targets = _parameter_targets(spec, targets)
+        if parameter_targets and setup.lora_dropout > 0:
+            # peft 0.21 lora.ParamWrapper raises "does not work with lora_dropout != 0".
+            raise InvalidSetupError(
+                f"LoRA on {', '.join(parameter_targets)} (peft target_parameters) needs --lora-dropout 0, "
+                f"got {setup.lora_dropout}"
+            )
+        alpha = alpha if alpha is not None else 2 * setup.rank
+
+    return replace(
+        setup,
+        model=spec.name,
+        method=method,
+        bits=bits,
+        dtype=dtype,
+        alpha=alpha,
+        targets=targets,
+        optimizer=optimizer,
+        attn=attn,
+        upcast_non_quantized=upcast,
+        gpu=gpu.id if gpu is not None else setup.gpu,
+    )

@@ -1,0 +1,127 @@
+"""What trains: the trainable tensors (LoRA A/B pairs, or every weight under full fine-tuning), and the gradient
+and optimizer-state bytes they bring.
+
+Optimizer state follows ``memplan.plan.optimizers``: torch keeps state in the parameter's dtype, bitsandbytes
+32-bit state is fp32, 8-bit state is uint8 plus an fp32 absmax per 256-value block except for tensors under
+4096 values, and paged state lives in CUDA managed memory for tensors of at least 1e5 values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import TYPE_CHECKING
+
+from memplan.units import ceil_div
+
+from .dtypes import DTYPE_BYTES
+from .weights import all_linears, load_dtype
+
+if TYPE_CHECKING:
+    from memplan.catalog.models import LinearSpec, ModelSpec
+
+    from .optimizers import OptimizerSpec
+    from .setup import TrainSetup
+
+__all__ = ["TrainableTensor", "adapted_linears", "trainable_tensors", "trainable_totals", "optimizer_state_bytes",
+           "pageable", "BNB_OPT_BLOCK", "BNB_MIN_8BIT_SIZE", "BNB_MIN_PAGED_SIZE"]
+
+# bnb 8-bit optimizers: 256-value blocks with an fp32 absmax; tensors below 4096 values stay 32-bit
+# (bitsandbytes/optim/optimizer.py: min_8bit_size=4096, blockwise, block size 256).
+BNB_OPT_BLOCK = 256
+BNB_MIN_8BIT_SIZE = 4096
+# bnb paged optimizers page only state of parameters with at least 1e5 values
+# (bitsandbytes/optim/optimizer.py get_state_buffer: ``if not self.is_paged or A.numel() < 1e5``).
+BNB_MIN_PAGED_SIZE = 100_000
+
+
+@dataclass(frozen=True)
+class TrainableTensor:
+    numel: int
+    bytes_per_value: int
+    factored_numel: int  # rows + cols for a matrix, numel for a vector (Adafactor's second moment)
+
+
+def _matrix(rows: int, cols: int, b: int) -> TrainableTensor:
+    return TrainableTensor(rows * cols, b, rows + cols)
+
+
+def _vector(n: int, b: int) -> TrainableTensor:
+    return TrainableTensor(n, b, n)
+
+
+@lru_cache(maxsize=1024)
+def adapted_linears(spec: ModelSpec, targets: str) -> tuple[LinearSpec, ...]:
+    """``spec.resolve_targets`` memoized: the search asks for the same few target sets hundreds of times."""
+    return tuple(spec.resolve_targets(targets))
+
+
+def trainable_tensors(spec: ModelSpec, setup: TrainSetup) -> tuple[TrainableTensor, ...]:
+    """Every trainable tensor, which sizes gradients and optimizer state."""
+    if setup.method == "full":
+        return _full_tensors(spec, DTYPE_BYTES[load_dtype(setup)])
+    return _lora_tensors(spec, setup.targets, setup.rank, DTYPE_BYTES[setup.adapter_dtype])
+
+
+@lru_cache(maxsize=256)
+def _full_tensors(spec: ModelSpec, b: int) -> tuple[TrainableTensor, ...]:
+    tensors: list[TrainableTensor] = []
+    for lin, mult in all_linears(spec):
+        if lin.num_experts > 1:  # a 3-D expert weight: Adafactor factors the last two dims per expert
+            w = TrainableTensor(lin.weight_numel, b, lin.num_experts * (lin.in_features + lin.out_features))
+        else:
+            w = _matrix(lin.out_features, lin.in_features, b)
+        tensors += [w] * mult
+        if lin.bias:
+            tensors += [_vector(lin.bias_numel, b)] * mult
+    for p in spec.params:
+        mult = spec.num_layers if p.per_layer else 1
+        if p.kind in ("embedding", "position_embedding") and p.numel % spec.hidden_size == 0:
+            t = _matrix(p.numel // spec.hidden_size, spec.hidden_size, b)
+        else:
+            t = _vector(p.numel, b)
+        tensors += [t] * mult
+    return tuple(tensors)
+
+
+@lru_cache(maxsize=4096)
+def _lora_tensors(spec: ModelSpec, targets: str, rank: int, b: int) -> tuple[TrainableTensor, ...]:
+    tensors: list[TrainableTensor] = []
+    for lin in adapted_linears(spec, targets):
+        mult = spec.instances(lin)  # layer-restricted targets adapt only some layers
+        if lin.num_experts == 1:
+            pair = [_matrix(rank, lin.in_features, b), _matrix(lin.out_features, rank, b)]  # lora_A, lora_B
+        else:  # fused experts: peft's parameter wrapper; one tensor of peft's exact count
+            n = lin.lora_params(rank)
+            pair = [TrainableTensor(n, b, n)]
+        tensors += pair * mult
+    return tuple(tensors)
+
+
+@lru_cache(maxsize=1024)
+def pageable(tensors: tuple[TrainableTensor, ...]) -> tuple[TrainableTensor, ...]:
+    """The tensors whose state a bitsandbytes paged optimizer puts in managed memory."""
+    return tuple(t for t in tensors if t.numel >= BNB_MIN_PAGED_SIZE)
+
+
+@lru_cache(maxsize=1024)
+def trainable_totals(tensors: tuple[TrainableTensor, ...]) -> tuple[int, int]:
+    """(values, gradient bytes) of the trainable tensors."""
+    return sum(t.numel for t in tensors), sum(t.numel * t.bytes_per_value for t in tensors)
+
+
+@lru_cache(maxsize=4096)
+def optimizer_state_bytes(opt: OptimizerSpec, tensors: tuple[TrainableTensor, ...]) -> int:
+    total = 0
+    for t in tensors:
+        n = t.numel
+        if opt.factored:
+            per_state = t.factored_numel * t.bytes_per_value
+        elif opt.state_bits == 8 and n >= BNB_MIN_8BIT_SIZE:
+            per_state = n + ceil_div(n, BNB_OPT_BLOCK) * 4  # uint8 state + fp32 absmax per block
+        elif opt.state_in_param_dtype:
+            per_state = n * t.bytes_per_value
+        else:
+            per_state = n * 4  # bnb 32-bit state is fp32
+        total += opt.states * per_state
+    return total

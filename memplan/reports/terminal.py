@@ -1,0 +1,157 @@
+"""Terminal views of estimates, fit results, simulations and run records, with rich. The core returns
+dataclasses; the views turn bytes into text (GiB, labelled)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
+
+from memplan.plan.breakdown import COMPONENT_LABELS, COMPONENTS
+from memplan.plan.setup import describe_setup
+from memplan.units import GiB, format_gib
+
+if TYPE_CHECKING:
+    from memplan.plan.estimate import Estimate
+    from memplan.plan.search import FitResult
+
+__all__ = ["breakdown_table", "estimate_view", "fit_view", "simulation_view", "runs_view"]
+
+_BAR_WIDTH = 30
+
+
+def _gib(n: int) -> str:
+    return f"{n / GiB:.2f}"
+
+
+def breakdown_table(e: Estimate, *, title: str | None = None, compare: Estimate | None = None,
+                    compare_label: str = "estimate") -> Table:
+    """Components at the peak (of an ``Estimate``, or anything with ``components`` and ``total_bytes``), largest
+    first, with a bar scaled to the largest one. ``compare`` adds a column of another breakdown and the ratio."""
+    comps, total = e.components, e.total_bytes
+    table = Table(title=title, title_justify="left", show_footer=True, box=None, pad_edge=False)
+    table.add_column("component", footer="total")
+    table.add_column("GiB", justify="right", footer=_gib(total))
+    if compare is not None:
+        table.add_column(f"{compare_label} GiB", justify="right", footer=_gib(compare.total_bytes))
+        table.add_column("ratio", justify="right", footer=f"{compare.total_bytes / total:.3f}" if total else "")
+    table.add_column("share", justify="right", footer="100%")
+    table.add_column("", footer="")
+    largest = max(comps.values()) or 1
+    dominant = max(comps, key=comps.__getitem__)
+    for name in sorted(COMPONENTS, key=lambda c: -comps.get(c, 0)):
+        n = comps.get(name, 0)
+        other = compare.components.get(name, 0) if compare is not None else 0
+        if n == 0 and other == 0:
+            continue
+        bar = "█" * max(1, round(_BAR_WIDTH * n / largest)) if n else ""
+        style = "bold magenta" if name == dominant else "cyan"
+        cells = [COMPONENT_LABELS[name], _gib(n)]
+        if compare is not None:
+            cells += [_gib(other), f"{other / n:.3f}" if n else "-"]
+        cells += [f"{100 * n / total:.0f}%" if total else "-", Text(bar, style=style)]
+        table.add_row(*cells)
+    return table
+
+
+def _headline(e: Estimate) -> Text:
+    t = Text()
+    t.append(f"peak {format_gib(e.total_bytes, 2)}", style="bold")
+    t.append(f" at {e.peak_phase.replace('_', ' ')}; ")
+    t.append(f"largest: {COMPONENT_LABELS[e.dominant]} ({100 * e.components[e.dominant] / e.total_bytes:.0f}%)")
+    p = e.params
+    t.append(f"\nparams {p.total:,} total, {p.trainable:,} trainable ({100 * p.trainable / p.total:.2f}%)")
+    if p.quantized:
+        t.append(f", {p.quantized:,} quantized")
+    return t
+
+
+def estimate_view(e: Estimate) -> Group:
+    parts = [Text(f"{e.setup.model}: {describe_setup(e.setup)}", style="bold"), _headline(e), Text(""),
+             breakdown_table(e)]
+    parts += [Text(f"note: {n}", style="yellow") for n in e.notes]
+    return Group(*parts)
+
+
+def fit_view(r: FitResult) -> Group:
+    g = r.gpu
+    parts: list = [Text(
+        f"{r.model} on {g.name}: {format_gib(g.total_bytes)} total, {format_gib(r.usable_bytes)} usable "
+        f"(CUDA context {format_gib(g.cuda_context_bytes, 2)}, headroom {r.headroom:.0%})", style="bold")]
+    if r.recommended is None:
+        lean = r.leanest
+        parts.append(Text(
+            f"Nothing fits. The leanest plan searched ({describe_setup(lean.setup)}) needs {format_gib(lean.total_bytes)} "
+            f"against a budget of {format_gib(r.budget_bytes)}.", style="bold red"))
+        parts.append(Text(f"Smallest catalog card that fits it: {r.smallest_gpu or 'none in the catalog'}"))
+        if r.changes:
+            parts.append(Text("Or change one pinned knob (the flag, or --free it when a --config sets it):"))
+            parts += [Text(f"  - {c.description}: {format_gib(c.estimate.total_bytes, 2)}") for c in r.changes]
+        parts += [Text(""), breakdown_table(lean, title="Leanest plan")]
+        return Group(*parts)
+
+    rec = r.recommended
+    parts.append(Text.assemble(("Recommended: ", "bold green"), describe_setup(rec.setup)))
+    parts.append(Text(f"peak {format_gib(rec.total_bytes, 2)} at {rec.peak_phase.replace('_', ' ')}, "
+                      f"{format_gib(r.budget_bytes - rec.total_bytes, 2)} to spare"))
+    parts += [Text(""), breakdown_table(rec, title="Where the memory goes (recommended plan)"), Text("")]
+
+    alt = Table(title="Alternatives", title_justify="left", box=None, pad_edge=False)
+    for col, justify in (("plan", "left"), ("bits", "right"), ("rank", "right"), ("targets", "left"), ("batch", "right"),
+                         ("ckpt", "left"), ("optimizer", "left"), ("peak GiB", "right"), ("spare GiB", "right")):
+        alt.add_column(col, justify=justify)
+    for e in (rec, *r.alternatives):
+        s = e.setup
+        alt.add_row("recommended" if e is rec else "", str(s.bits) + (f" {s.quant_type}" if s.bits == 4 else ""),
+                    "-" if s.method == "full" else str(s.rank), s.targets or "all (full)", str(s.batch_size),
+                    "yes" if s.grad_ckpt else "no", s.optimizer, _gib(e.total_bytes),
+                    _gib(r.budget_bytes - e.total_bytes), style="green" if e is rec else None)
+    parts.append(alt)
+    if r.next_batch is not None:
+        nb = r.next_batch
+        where = f"fits a {nb.smallest_gpu}" if nb.smallest_gpu else "fits no catalog card"
+        parts.append(Text(f"\nNext size up (batch {nb.estimate.setup.batch_size}): needs "
+                          f"{format_gib(nb.estimate.total_bytes, 2)}, {format_gib(nb.shortfall_bytes, 2)} over "
+                          f"this card's budget; {where}."))
+    if r.max_seq_len_batch1 is not None:
+        limit = " (the model's max_position_embeddings)" if r.max_seq_len_is_model_limit else ""
+        parts.append(Text(f"Longest sequence at batch 1 with these settings: {r.max_seq_len_batch1:,} tokens{limit}."))
+    parts += [Text(f"note: {n}", style="yellow") for n in rec.notes]
+    return Group(*parts)
+
+
+def simulation_view(sim, analytic: Estimate | None = None) -> Group:
+    """A ``memplan simulate`` result: the tracked breakdown at the peak, per-phase peaks, and optionally the
+    tensor-level analytic estimate beside it (estimate ÷ simulated)."""
+    s = sim.setup if isinstance(sim.setup, dict) else sim.setup.to_dict()
+    head = Text(f"{s['model']}: simulated {sim.device_semantics}-semantics step(s) in {sim.wall_seconds:.1f} s", style="bold")
+    parts: list = [head, Text(f"peak {format_gib(sim.total_bytes, 3)} at {sim.peak_phase.replace('_', ' ')} "
+                              f"(tensor level: no CUDA context or allocator overhead)"), Text("")]
+    parts.append(breakdown_table(sim, title="Tracked storages at the peak", compare=analytic,
+                                 compare_label="analytic"))
+    phases = Table(title="Peak per phase", title_justify="left", box=None, pad_edge=False)
+    phases.add_column("phase")
+    phases.add_column("GiB", justify="right")
+    for phase, n in sim.phase_peaks.items():
+        phases.add_row(phase, _gib(n))
+    parts += [Text(""), phases]
+    parts += [Text(f"note: {n}", style="yellow") for n in sim.notes]
+    return Group(*parts)
+
+
+def runs_view(records, out_dir) -> Group:
+    """One line per recorded run: outcome, peak and where it was written."""
+    t = Table(title=f"Run records in {out_dir}", title_justify="left", box=None, pad_edge=False)
+    for col, justify in (("outcome", "left"), ("batch", "right"), ("seq", "right"), ("tensor peak GiB", "right"),
+                         ("reserved GiB", "right"), ("phase", "left"), ("file", "left")):
+        t.add_column(col, justify=justify)
+    for r in records:
+        peak = r.peak or {}
+        tp, rv = peak.get("tensor_peak_bytes"), peak.get("max_reserved_bytes")
+        t.add_row(r.outcome, str(r.setup.get("batch_size")), str(r.setup.get("seq_len")),
+                  _gib(tp) if tp is not None else "-", _gib(rv) if rv is not None else "-",
+                  str(peak.get("peak_phase") or "-"), str(getattr(r, "path", "") or ""),
+                  style="red" if r.outcome != "ok" else None)
+    return Group(t)

@@ -1,0 +1,284 @@
+"""Planning from training config files: every format maps to the same setup as the equivalent flags, files merge
+with the later one winning, flags win over files, and bad files give one-line errors.
+
+The JSON fixtures were written by the real libraries (``tests/fixtures/make_fixtures.py``): transformers 5.23
+``TrainingArguments.to_json_string()``, peft 0.21 ``LoraConfig.save_pretrained``, ``BitsAndBytesConfig.to_dict()``
+and a ``TrainingArguments`` subclass with TRL's ``SFTConfig`` fields; ``axolotl_qlora.yml`` follows axolotl's
+``examples/llama-2/qlora.yml``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import fields as dataclass_fields
+from pathlib import Path
+
+import pytest
+
+from memplan.cli import main
+from memplan.integrations.training_configs import TABLES, load_training_config, merge_configs
+from memplan.errors import ConfigError, InvalidSetupError
+from memplan.plan.setup import TrainSetup
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+AXOLOTL = str(FIXTURES / "axolotl_qlora.yml")
+TRAINING_ARGS = str(FIXTURES / "training_args.json")
+ADAPTER = str(FIXTURES / "adapter_config.json")
+BNB = str(FIXTURES / "bnb_config.json")
+TRL = str(FIXTURES / "trl_sft_config.json")
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def run_json(capsys, *argv):
+    code, out, err = run(capsys, *argv, "--json")
+    assert code == 0, err
+    return json.loads(out)
+
+
+def write(tmp_path, name, text):
+    p = tmp_path / name
+    p.write_text(text)
+    return str(p)
+
+
+# (fixture, format, argv with the config, the same setup as flags, fields the file sets)
+ROUND_TRIPS = [
+    (AXOLOTL, "axolotl", ["--config", AXOLOTL],
+     ["llama-2-7b", "--method", "qlora", "--bits", "4", "--rank", "32", "--alpha", "16", "--lora-dropout", "0.05",
+      "--targets", "all-linear", "--seq-len", "4096", "--batch-size", "2", "--grad-ckpt",
+      "--optimizer", "paged_adamw_32bit", "--attn", "flash_attention_2"],
+     {"method": "qlora", "bits": 4, "rank": 32, "alpha": 16, "lora_dropout": 0.05, "targets": "all-linear",
+      "seq_len": 4096, "batch_size": 2, "grad_ckpt": True, "optimizer": "paged_adamw_32bit",
+      "attn": "flash_attention_2"}),
+    (TRAINING_ARGS, "training_args", ["--model", "llama-2-7b", "--config", TRAINING_ARGS],
+     ["llama-2-7b", "--batch-size", "4", "--grad-ckpt", "--dtype", "bf16", "--optimizer", "paged_adamw_8bit"],
+     {"batch_size": 4, "grad_ckpt": True, "dtype": "bf16", "optimizer": "paged_adamw_8bit"}),
+    (ADAPTER, "peft", ["--config", ADAPTER],
+     ["llama-2-7b", "--rank", "16", "--alpha", "32", "--targets", "q_proj,v_proj", "--lora-dropout", "0.05"],
+     {"rank": 16, "alpha": 32, "targets": "q_proj,v_proj", "lora_dropout": 0.05}),
+    (BNB, "bnb", ["llama-2-7b", "--config", BNB],
+     ["llama-2-7b", "--bits", "4", "--quant", "nf4", "--double-quant", "--dtype", "bf16"],
+     {"bits": 4, "quant_type": "nf4", "double_quant": True, "dtype": "bf16"}),
+    (TRL, "trl", ["--model", "llama-2-7b", "--config", TRL],
+     ["llama-2-7b", "--batch-size", "2", "--grad-ckpt", "--dtype", "bf16", "--optimizer", "adamw_torch",
+      "--seq-len", "2048", "--attn", "flash_attention_2"],
+     {"batch_size": 2, "grad_ckpt": True, "dtype": "bf16", "optimizer": "adamw_torch", "seq_len": 2048,
+      "attn": "flash_attention_2"}),
+]
+
+
+@pytest.mark.parametrize("path, fmt, config_argv, flag_argv, expected", ROUND_TRIPS,
+                         ids=[r[1] for r in ROUND_TRIPS])
+def test_each_format_matches_the_equivalent_flags(capsys, path, fmt, config_argv, flag_argv, expected):
+    cfg = load_training_config(path)
+    assert cfg.format == fmt
+    assert cfg.fields == expected
+    by_config = run_json(capsys, "estimate", *config_argv)
+    by_flags = run_json(capsys, "estimate", *flag_argv)
+    assert by_config["setup"] == by_flags["setup"]
+    assert by_config["total_bytes"] == by_flags["total_bytes"]
+    assert by_config["config"]["files"][0]["format"] == fmt
+    # The file did change something: the plain default setup is a different estimate.
+    assert run_json(capsys, "estimate", "llama-2-7b")["total_bytes"] != by_config["total_bytes"]
+
+
+def test_models_named_in_files():
+    assert load_training_config(AXOLOTL).model == "NousResearch/Llama-2-7b-hf"
+    assert load_training_config(ADAPTER).model == "llama-2-7b-hf"
+    assert load_training_config(TRAINING_ARGS).model is None
+
+
+def test_tables_map_only_setup_fields():
+    known = {f.name for f in dataclass_fields(TrainSetup)}
+    for fmt, table in TABLES.items():
+        for key, (field, _) in table.items():
+            assert field is None or field in known, (fmt, key, field)
+
+
+def test_training_args_keys_are_real_transformers_fields():
+    ta = json.loads(Path(TRAINING_ARGS).read_text())
+    not_ta = {"model_name_or_path", "group_by_length"}  # run-script key; transformers 4.x name
+    assert set(TABLES["training_args"]) - not_ta <= set(ta)
+
+
+def test_used_and_notes_are_reported(capsys):
+    cfg = load_training_config(AXOLOTL)
+    assert ("micro_batch_size", 2, "batch_size") in cfg.used
+    assert ("lora_target_linear", True, "targets") in cfg.used
+    assert {k for k, _ in cfg.ignored} == {"bf16", "sample_packing", "gradient_accumulation_steps"}
+    assert cfg.warnings == ()
+    assert any("sequence_len" in n for n in cfg.notes)  # packing: modelled as full sequences
+    assert "dtype" not in cfg.fields  # bf16: auto leaves the dtype to memplan's default
+    code, out, _ = run(capsys, "estimate", "--config", TRAINING_ARGS, "--model", "llama-2-7b")
+    assert code == 0
+    assert f"from {TRAINING_ARGS}: per_device_train_batch_size=4 -> batch_size" in " ".join(out.split())
+
+
+def test_flags_override_the_config(capsys):
+    d = run_json(capsys, "estimate", "llama-2-7b", "--config", TRAINING_ARGS, "--batch-size", "8", "--no-grad-ckpt")
+    assert (d["setup"]["batch_size"], d["setup"]["grad_ckpt"]) == (8, False)
+    assert d["setup"]["optimizer"] == "paged_adamw_8bit"  # still from the file
+    assert any("batch_size=8 overrides per_device_train_batch_size=4" in o for o in d["config"]["overrides"])
+
+
+def test_later_file_wins_and_the_conflict_is_warned():
+    ax, ad = load_training_config(AXOLOTL), load_training_config(ADAPTER)
+    setup, pinned, report = merge_configs([ax, ad], {"batch_size": None})
+    assert (setup.rank, setup.targets, setup.alpha) == (16, "q_proj,v_proj", 32)
+    assert setup.seq_len == 4096 and setup.method == "qlora"  # only the axolotl file sets these
+    assert setup.model == "llama-2-7b-hf"  # both name a model: the later one
+    assert any(c.startswith(f"lora_r 32 from {AXOLOTL} overridden by 16 from {ADAPTER} (r)") for c in report.conflicts)
+    assert {"rank", "targets", "seq_len", "batch_size", "method", "bits"} <= pinned and "model" not in pinned
+    setup, _, _ = merge_configs([ad, ax], {})
+    assert (setup.rank, setup.targets) == (32, "all-linear")
+
+
+def test_two_files_through_the_cli(capsys):
+    d = run_json(capsys, "estimate", "--config", ADAPTER, "--config", BNB)
+    s = d["setup"]
+    assert (s["rank"], s["bits"], s["quant_type"], s["targets"], s["model"]) == (16, 4, "nf4", "q_proj,v_proj",
+                                                                                 "llama-2-7b-hf")
+    assert [f["format"] for f in d["config"]["files"]] == ["peft", "bnb"]
+
+
+@pytest.mark.parametrize("text, names", [
+    ("base_model: llama-2-7b\nadapter: lora\nload_in_4bit: true\nload_in_8bit: true\n",
+     ("load_in_4bit: true", "load_in_8bit: true")),
+    ("base_model: llama-2-7b\nadapter: lora\nbf16: true\nfp16: true\n", ("bf16: true", "fp16: true")),
+    ("base_model: llama-2-7b\nadapter: qlora\nload_in_8bit: true\n", ("adapter: qlora", "load_in_8bit: true")),
+])
+def test_contradictory_settings_raise(tmp_path, capsys, text, names):
+    path = write(tmp_path, "c.yml", text)
+    with pytest.raises(InvalidSetupError, match="contradictory") as exc:
+        load_training_config(path)
+    assert all(n in str(exc.value) for n in names) and path in str(exc.value)
+    code, _, err = run(capsys, "estimate", "--config", path)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+
+
+def test_contradictory_precision_in_training_args_json(tmp_path):
+    ta = json.loads(Path(TRAINING_ARGS).read_text()) | {"fp16": True}
+    with pytest.raises(InvalidSetupError, match=r"bf16: true and fp16: true"):
+        load_training_config(write(tmp_path, "args.json", json.dumps(ta)))
+
+
+def test_unknown_optimizer_names_close_matches(tmp_path):
+    path = write(tmp_path, "a.yml", "base_model: llama-2-7b\nadapter: lora\noptimizer: paged_adamw_32bits\n")
+    with pytest.raises(InvalidSetupError, match="did you mean: paged_adamw_32bit") as exc:
+        load_training_config(path)
+    assert str(exc.value).startswith(f"{path}: optimizer: unknown optimizer 'paged_adamw_32bits'")
+
+
+def test_yaml_that_does_not_parse_exits_2_naming_file_and_line(tmp_path, capsys):
+    path = write(tmp_path, "broken.yml", "base_model: llama-2-7b\nadapter: lora\nlora_r: [32\n")
+    code, _, err = run(capsys, "estimate", "--config", path)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and path in lines[0] and "invalid YAML at line 4" in lines[0]
+    assert "Traceback" not in err
+
+
+def test_json_that_does_not_parse(tmp_path):
+    path = write(tmp_path, "args.json", '{"per_device_train_batch_size": 4,\n "optim": }')
+    with pytest.raises(ConfigError, match=r"args.json: invalid JSON at line 2"):
+        load_training_config(path)
+
+
+def test_missing_file_and_unknown_formats(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_training_config(tmp_path / "nope.yml")
+    with pytest.raises(ConfigError, match="not a training config memplan recognises.*axolotl YAML"):
+        load_training_config(write(tmp_path, "x.json", '{"foo": 1}'))
+    with pytest.raises(ConfigError, match="a model config.json .*pass it as MODEL"):
+        load_training_config(write(tmp_path, "config.json", '{"model_type": "llama", "hidden_size": 64}'))
+    with pytest.raises(ConfigError, match="peft_type 'PREFIX_TUNING' is not modelled"):
+        load_training_config(write(tmp_path, "adapter_config.json", '{"peft_type": "PREFIX_TUNING"}'))
+    with pytest.raises(ConfigError, match="top level"):
+        load_training_config(write(tmp_path, "list.yml", "- a\n- b\n"))
+
+
+def test_important_ignored_fields_are_warned(tmp_path, capsys):
+    path = write(tmp_path, "ds.yml", "base_model: llama-2-7b\nadapter: lora\nlora_r: 16\ndeepspeed: zero3.json\n"
+                                     "lora_modules_to_save:\n  - embed_tokens\n  - lm_head\ntorch_compile: true\n")
+    cfg = load_training_config(path)
+    assert {k for k, _ in cfg.ignored} == {"deepspeed", "lora_modules_to_save", "torch_compile"}
+    assert any(w.startswith("deepspeed=zero3.json: DeepSpeed") for w in cfg.warnings)
+    adapter = json.loads(Path(ADAPTER).read_text()) | {"modules_to_save": ["lm_head"]}
+    assert [k for k, _ in load_training_config(write(tmp_path, "adapter_config.json", json.dumps(adapter))).ignored] \
+        == ["modules_to_save"]
+    code, out, _ = run(capsys, "estimate", "--config", path)
+    assert code == 0
+    assert f"warning: {path}: deepspeed=zero3.json" in " ".join(out.split())
+    d = run_json(capsys, "estimate", "--config", path)
+    assert {i["key"] for i in d["config"]["files"][0]["ignored"]} == {"deepspeed", "lora_modules_to_save",
+                                                                       "torch_compile"}
+
+
+def test_axolotl_details(tmp_path):
+    full = load_training_config(write(tmp_path, "full.yml", "base_model: llama-2-7b\nmicro_batch_size: 1\n"))
+    assert full.fields["method"] == "full"  # no adapter: axolotl trains every parameter
+    typo = load_training_config(write(tmp_path, "t.yml", "base_model: x\nadapter: lora\nmicro_batchsize: 4\n"
+                                                         "eval_sample_packing: true\n"))
+    assert typo.warnings == ("micro_batchsize: not a key memplan reads (did you mean micro_batch_size?)",)
+    both = load_training_config(write(tmp_path, "b.yml", "base_model: x\nadapter: lora\nlora_target_linear: true\n"
+                                                         "lora_target_modules: [q_proj, v_proj]\n"))
+    assert both.fields["targets"] == "all-linear" and any("using lora_target_linear" in w for w in both.warnings)
+
+
+def test_trl_names_old_and_new(tmp_path):
+    old = load_training_config(write(tmp_path, "old.json", json.dumps(
+        {"output_dir": "o", "per_device_train_batch_size": 1, "max_seq_length": 1024, "packing": False})))
+    assert old.format == "trl" and old.fields["seq_len"] == 1024
+    both = load_training_config(write(tmp_path, "both.json", json.dumps(
+        {"output_dir": "o", "max_seq_length": 1024, "max_length": 2048})))
+    assert both.fields["seq_len"] == 2048 and "using max_length" in both.warnings[0]
+    recipe = load_training_config(write(tmp_path, "recipe.yaml", "model_name_or_path: mistralai/Mistral-7B-v0.1\n"
+                                        "torch_dtype: bfloat16\nuse_peft: true\nlora_r: 16\nload_in_4bit: true\n"
+                                        "use_bnb_nested_quant: true\nlora_target_modules: all-linear\n"
+                                        "per_device_train_batch_size: 4\nmax_length: 1024\n"))
+    assert recipe.format == "trl" and recipe.model == "mistralai/Mistral-7B-v0.1"
+    assert recipe.fields == {"batch_size": 4, "seq_len": 1024, "dtype": "bf16", "rank": 16, "targets": "all-linear",
+                             "bits": 4, "double_quant": True}
+
+
+def test_peft_adapter_folder(tmp_path):
+    (tmp_path / "adapter_config.json").write_text(Path(ADAPTER).read_text())
+    assert load_training_config(tmp_path).fields["rank"] == 16
+
+
+def test_free_lets_fit_change_the_batch_only(capsys):
+    pinned = run_json(capsys, "fit", "--config", AXOLOTL, "--gpu", "a100-80g")["recommended"]["setup"]
+    freed = run_json(capsys, "fit", "--config", AXOLOTL, "--gpu", "a100-80g", "--free", "batch_size")
+    s = freed["recommended"]["setup"]
+    assert pinned["batch_size"] == 2 and s["batch_size"] > 2
+    for field in ("bits", "method", "rank", "targets", "grad_ckpt", "optimizer", "seq_len", "attn", "dtype"):
+        assert s[field] == pinned[field], field
+    assert (s["rank"], s["optimizer"], s["seq_len"]) == (32, "paged_adamw_32bit", 4096)
+    spelled = run_json(capsys, "fit", "--config", AXOLOTL, "--gpu", "a100-80g", "--free", "batch-size")
+    assert spelled["recommended"]["setup"] == s
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["estimate"], "no model given"),
+    (["estimate", "--config", TRAINING_ARGS], "none of"),
+    (["fit", "--gpu", "3090", "--config", BNB], "no model given"),
+    (["fit", "opt-13b", "--gpu", "3090", "--free", "batch_sz"], "allowed: method, bits"),
+    (["fit", "opt-13b", "--gpu", "3090", "--free", "rank", "--rank", "8"], "contradicts"),
+])
+def test_one_line_errors(capsys, argv, expected):
+    code, _, err = run(capsys, *argv)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], err
+
+
+def test_yaml_without_pyyaml_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "yaml", None)
+    with pytest.raises(ConfigError, match=r"pip install 'memplan\[yaml\]'"):
+        load_training_config(AXOLOTL)
