@@ -3,7 +3,6 @@ and what is allowed. The CLI turns these into one line on stderr and exit code 2
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Iterable
 
 __all__ = [
@@ -70,6 +69,8 @@ def close_matches(word: str, candidates: Iterable[str], n: int = 3) -> list[str]
     by_lower: dict[str, str] = {}
     for c in candidates:
         by_lower.setdefault(c.lower(), c)
+    import difflib  # only an error needs it
+
     hits = difflib.get_close_matches(word.lower(), list(by_lower), n=n, cutoff=0.6)
     # Substring hits catch "13b" -> "opt-13b" that difflib's ratio misses.
     if len(hits) < n:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
@@ -44,6 +43,8 @@ def write_atomic(path: str | os.PathLike, write: Callable[[IO], None], *, binary
     """Create or replace ``path`` with what ``write(file)`` writes, atomically; returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    import tempfile  # here: shutil, bz2 and lzma come with it, and reading files (planning) needs none of them
+
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         # mkstemp creates the file 0600; a report or run record is an ordinary file: 0666 minus the umask,

@@ -13,7 +13,6 @@ import math
 import os
 import re
 from dataclasses import dataclass, replace
-from fractions import Fraction
 
 from memplan.catalog import paths
 from memplan.catalog.local_gpu import nvml_device
@@ -256,6 +255,8 @@ def _parse_budget(text: str) -> int | None:
     m = _BUDGET_RE.match(text)
     if m is None:
         return None
+    from fractions import Fraction  # exact decimals (22.5GiB); fractions imports decimal: only when a budget is read
+
     return round(Fraction(m.group(1)) * _BUDGET_UNITS[m.group(2).lower()])
 
 
@@ -272,6 +273,8 @@ def custom_gpu(total_gib: float, *, name: str | None = None) -> GPUSpec:
     """An ad-hoc card with ``total_gib`` GiB (2**30 bytes) of memory and the generic context."""
     if isinstance(total_gib, bool) or not isinstance(total_gib, (int, float)) or not math.isfinite(total_gib):
         raise InvalidSetupError(f"GPU memory budget must be a number of GiB, got {total_gib!r}")
+    from fractions import Fraction
+
     return _custom_from_bytes(round(Fraction(total_gib) * GiB), name=name)
 
 

@@ -9,16 +9,24 @@ import argparse
 import sys
 import textwrap
 from collections.abc import Sequence
+from importlib import import_module
 
 from memplan.errors import MemplanError
 
-from . import measure_cmds, plan_cmds, report_cmds
 from .common import HEAVY_PACKAGES, Parser
 
 __all__ = ["main", "build_parser"]
 
+# subcommand -> the module that registers it (every module registers all of its commands)
+_COMMANDS = {"estimate": "plan_cmds", "fit": "plan_cmds", "models": "plan_cmds", "gpus": "plan_cmds",
+             "simulate": "measure_cmds", "profile": "measure_cmds", "validate": "measure_cmds",
+             "report": "report_cmds"}
 
-def build_parser() -> Parser:
+
+def build_parser(argv: Sequence[str] | None = None) -> Parser:
+    """The ``memplan`` parser. Given ``argv`` naming a subcommand, only that subcommand's module is imported
+    (``memplan fit`` starts without loading the measurement or report wiring); otherwise all are, for the
+    full help and the "invalid choice" message."""
     parser = Parser(
         prog="memplan",
         description="Plan GPU memory for LoRA / QLoRA / full fine-tuning before anything is loaded.",
@@ -35,14 +43,16 @@ def build_parser() -> Parser:
             """),
     )
     sub = parser.add_subparsers(dest="command", parser_class=Parser)
-    plan_cmds.add_parsers(sub)
-    measure_cmds.add_parsers(sub)
-    report_cmds.add_parsers(sub)
+    first = next((a for a in argv or () if not a.startswith("-")), None)
+    modules = [_COMMANDS[first]] if first in _COMMANDS else list(dict.fromkeys(_COMMANDS.values()))
+    for name in modules:
+        import_module(f".{name}", __name__).add_parsers(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

@@ -19,6 +19,7 @@ docs/memory-model.md lists each with its formula and source.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from . import activations as act
@@ -27,7 +28,7 @@ from .dtypes import DTYPE_BYTES
 from .optimizers import resolve_optimizer
 from .runtime import ALLOCATOR_OVERHEAD_FRACTION, CUBLAS_WORKSPACE_BYTES, cuda_context_bytes
 from .setup import TrainSetup, resolve_setup
-from .trainable import optimizer_state_bytes, pageable, trainable_tensors, trainable_totals
+from .trainable import trainable
 from .weights import load_dtype, static_terms
 
 if TYPE_CHECKING:
@@ -55,81 +56,123 @@ def estimate_for(spec: ModelSpec, setup: TrainSetup, gpu: GPUSpec | None = None,
     ``include_runtime=False`` leaves out what no tensor tracker sees (CUDA context, allocator overhead,
     cuBLAS workspace): the tensor-level peak that ``memplan simulate`` and the profiler's tracker measure.
     """
-    opt = resolve_optimizer(setup.optimizer)
+    f = _fixed(spec, setup)
+    base = dict(f.base, cuda_context=cuda_context_bytes(gpu) if include_runtime else 0)
     tokens = setup.batch_size * setup.seq_len
-    notes: list[str] = []
-
-    # ---- static memory: weights, adapter, optimizer state --------------------------------------------
-    static = static_terms(spec, setup)
-    tensors = trainable_tensors(spec, setup)
-    trainable, grad_bytes = trainable_totals(tensors)
-    lora_param_bytes = trainable * DTYPE_BYTES[setup.adapter_dtype] if setup.trains_lora else 0
-    opt_state_bytes = optimizer_state_bytes(opt, tensors)
-    opt_temp_bytes = opt.foreach_temp_states * grad_bytes  # same size and dtype as one state (= the grads)
-    paged_bytes = optimizer_state_bytes(opt, pageable(tensors)) if opt.paged else 0
-
-    # ---- activations ---------------------------------------------------------------------------------
-    layer = act.layer_activations(spec, setup)
-    layer_bytes = layer.per_token * tokens + layer.per_token_seq * tokens * setup.seq_len
-    extras = act.model_extras_per_token(spec, setup) * tokens
-    ckpt_input_bytes = act.checkpoint_input_per_token(spec, setup) * tokens
-    logits_fwd, logits_bwd = act.logits_bytes(spec, setup, tokens)
-    bwd_transient = act.backward_transient_per_token(spec, setup) * tokens
-    bwd_transient += act.backward_transient_per_token_seq(spec, setup) * tokens * setup.seq_len
-    dequant = act.dequant_transient_bytes(spec, setup)
-    L = spec.num_layers
+    layer_bytes = f.layer_per_token * tokens + f.layer_per_token_seq * tokens * setup.seq_len
+    extras = f.extras_per_token * tokens
+    ckpt_input_bytes = f.ckpt_per_token * tokens
+    bwd_transient = f.bwd_per_token * tokens + f.bwd_per_token_seq * tokens * setup.seq_len + f.dequant
     if setup.grad_ckpt:
-        saved_all = L * ckpt_input_bytes + extras
+        saved_all = spec.num_layers * ckpt_input_bytes + extras
         saved_in_backward = saved_all + layer_bytes  # the layer being recomputed
     else:
-        saved_all = L * layer_bytes + extras
+        saved_all = spec.num_layers * layer_bytes + extras
         saved_in_backward = saved_all
     # At the end of backward only the first layer's tensors remain (its checkpointed input, if any).
     one_layer = (ckpt_input_bytes if setup.grad_ckpt else 0) + layer_bytes + extras
 
-    # Full fine-tuning: the lm_head / tied-embedding gradient is produced with the logits gradient.
-    head_grad = 0
-    if setup.method == "full":
-        head_grad = spec.vocab_size * spec.hidden_size * DTYPE_BYTES[load_dtype(setup)]
+    ws = CUBLAS_WORKSPACE_BYTES if include_runtime else 0
+    phase_dynamic = {
+        "forward_end": (saved_all, f.logits_fwd_per_token * tokens, 0, ws),
+        "backward_start": (saved_all, f.logits_bwd_per_token * tokens, f.head_grad, ws),
+        "backward": (saved_in_backward, 0, f.head_grad, bwd_transient + ws),
+        "backward_end": (one_layer, 0, f.grad_bytes, bwd_transient + ws),
+        "optimizer_step": (0, 0, f.grad_bytes, f.opt_temp_bytes + ws),
+    }
+    phases: dict[str, dict[str, int]] = {}
+    for name, (activations, logits, gradients, transients) in phase_dynamic.items():
+        dynamic = activations + logits + gradients + transients
+        overhead = int(ALLOCATOR_OVERHEAD_FRACTION * dynamic) if include_runtime else 0
+        comps = dict(base, gradients=gradients, activations=activations, logits_loss=logits, transients=transients,
+                     allocator_overhead=overhead)
+        phases[name] = {c: comps[c] for c in COMPONENTS}
+    totals = {p: sum(c.values()) for p, c in phases.items()}
+    peak_phase = max(PHASES, key=totals.__getitem__)
 
-    workspace = CUBLAS_WORKSPACE_BYTES if include_runtime else 0
+    notes = f.notes
+    if setup.attn == "eager" and setup.seq_len >= 1024:
+        notes += ("eager attention keeps batch x heads x seq^2 score matrices per layer; sdpa does not",)
+    return Estimate(setup=setup, total_bytes=totals[peak_phase], components=phases[peak_phase],
+                    peak_phase=peak_phase, phases=phases, params=f.params, paged_bytes=f.paged_bytes, notes=notes)
+
+
+@dataclass(frozen=True)
+class _Fixed:
+    """What an estimate does not owe to the batch and the sequence: static memory, and the per-token
+    coefficients of everything that grows with them."""
+
+    base: dict  # weights, quantized_weights, quant_constants, lora_params, optimizer_state
+    grad_bytes: int
+    opt_temp_bytes: int
+    paged_bytes: int
+    head_grad: int
+    dequant: int
+    layer_per_token: int
+    layer_per_token_seq: int
+    extras_per_token: int
+    ckpt_per_token: int
+    logits_fwd_per_token: int
+    logits_bwd_per_token: int
+    bwd_per_token: int
+    bwd_per_token_seq: int
+    params: ParamCounts
+    notes: tuple[str, ...]
+
+
+_FIXED: dict[tuple, _Fixed] = {}
+_FIXED_MAX = 4096  # distinct setups kept (the search uses ~50 per model and card)
+
+
+def _fixed(spec: ModelSpec, setup: TrainSetup) -> _Fixed:
+    """``_compute_fixed``, memoized on everything but the batch and sequence (the search varies those most:
+    bisecting the batch and the longest sequence re-estimates the same setup dozens of times)."""
+    key = (spec, setup.method, setup.bits, setup.quant_type, setup.double_quant, setup.dtype, setup.rank,
+           setup.targets, setup.lora_dropout, setup.adapter_dtype, setup.optimizer, setup.attn,
+           setup.upcast_non_quantized)
+    hit = _FIXED.get(key)
+    if hit is None:
+        if len(_FIXED) >= _FIXED_MAX:
+            _FIXED.clear()
+        hit = _FIXED[key] = _compute_fixed(spec, setup)
+    return hit
+
+
+def _compute_fixed(spec: ModelSpec, setup: TrainSetup) -> _Fixed:
+    opt = resolve_optimizer(setup.optimizer)
+    # ---- static memory: weights, adapter, optimizer state
+    static = static_terms(spec, setup)
+    train = trainable(spec, setup)
+    grad_bytes = train.grad_bytes
+    paged_bytes = train.paged_state_bytes(opt)
     base = {
         "weights": static.weights,
         "quantized_weights": static.quantized,
         "quant_constants": static.quant_constants,
-        "lora_params": lora_param_bytes,
-        "optimizer_state": opt_state_bytes,
-        "cuda_context": cuda_context_bytes(gpu) if include_runtime else 0,
+        "lora_params": train.values * DTYPE_BYTES[setup.adapter_dtype] if setup.trains_lora else 0,
+        "optimizer_state": train.state_bytes(opt),
     }
-    phase_dynamic = {
-        "forward_end": dict(activations=saved_all, logits_loss=logits_fwd, gradients=0,
-                            transients=workspace),
-        "backward_start": dict(activations=saved_all, logits_loss=logits_bwd, gradients=head_grad,
-                               transients=workspace),
-        "backward": dict(activations=saved_in_backward, logits_loss=0, gradients=head_grad,
-                         transients=bwd_transient + dequant + workspace),
-        "backward_end": dict(activations=one_layer, logits_loss=0, gradients=grad_bytes,
-                             transients=bwd_transient + dequant + workspace),
-        "optimizer_step": dict(activations=0, logits_loss=0, gradients=grad_bytes,
-                               transients=opt_temp_bytes + workspace),
-    }
-    phases: dict[str, dict[str, int]] = {}
-    for name, dyn in phase_dynamic.items():
-        dynamic = sum(dyn.values())
-        overhead = int(ALLOCATOR_OVERHEAD_FRACTION * dynamic) if include_runtime else 0
-        comps = dict(base, **dyn, allocator_overhead=overhead)
-        phases[name] = {c: int(comps[c]) for c in COMPONENTS}
-    peak_phase = max(PHASES, key=lambda p: sum(phases[p].values()))
-    components = phases[peak_phase]
+    # ---- what grows with the tokens (memplan.plan.activations)
+    layer = act.layer_activations(spec, setup)
+    logits_fwd, logits_bwd = act.logits_bytes(spec, setup, 1)  # linear in the tokens
+    # Full fine-tuning: the lm_head / tied-embedding gradient is produced with the logits gradient.
+    head_grad = spec.vocab_size * spec.hidden_size * DTYPE_BYTES[load_dtype(setup)] if setup.method == "full" else 0
 
+    notes: list[str] = []
     if setup.bits == 8:
         notes.append("int8 (LLM.int8) memory follows bitsandbytes' CUDA MatMul8bitLt path, not yet calibrated on a GPU")
     if opt.paged:
         notes.append(f"{opt.name} keeps {paged_bytes} bytes of state in CUDA managed memory (counted as resident)")
-    if setup.attn == "eager" and setup.seq_len >= 1024:
-        notes.append("eager attention keeps batch x heads x seq^2 score matrices per layer; sdpa does not")
-
-    params = ParamCounts(total=spec.total_params(), trainable=trainable, quantized=static.quantized_values)
-    return Estimate(setup=setup, total_bytes=sum(components.values()), components=components,
-                    peak_phase=peak_phase, phases=phases, params=params, paged_bytes=paged_bytes,
-                    notes=tuple(notes))
+    return _Fixed(
+        base=base, grad_bytes=grad_bytes,
+        opt_temp_bytes=opt.foreach_temp_states * grad_bytes,  # same size and dtype as one state (= the grads)
+        paged_bytes=paged_bytes, head_grad=head_grad, dequant=act.dequant_transient_bytes(spec, setup),
+        layer_per_token=layer.per_token, layer_per_token_seq=layer.per_token_seq,
+        extras_per_token=act.model_extras_per_token(spec, setup),
+        ckpt_per_token=act.checkpoint_input_per_token(spec, setup),
+        logits_fwd_per_token=logits_fwd, logits_bwd_per_token=logits_bwd,
+        bwd_per_token=act.backward_transient_per_token(spec, setup),
+        bwd_per_token_seq=act.backward_transient_per_token_seq(spec, setup),
+        params=ParamCounts(total=spec.total_params(), trainable=train.values, quantized=static.quantized_values),
+        notes=tuple(notes),
+    )

@@ -21,13 +21,14 @@ from typing import TYPE_CHECKING
 from memplan.errors import InvalidSetupError
 
 from .budget import Budget, check_headroom
-from .changes import Change, smallest_changes
 from .estimate import Estimate, estimate_for
 from .setup import TrainSetup, resolve_setup, sequence_limit
 
 if TYPE_CHECKING:
     from memplan.catalog.gpus import GPUSpec
     from memplan.catalog.models import ModelSpec
+
+    from .changes import Change
 
 __all__ = ["FitResult", "NextStep", "fit", "fit_for", "smallest_gpu", "SEARCH_BITS", "SEARCH_RANKS",
            "SEARCH_OPTIMIZERS", "DEFAULT_MAX_BATCH"]
@@ -244,6 +245,7 @@ def _pinned_changes(spec: ModelSpec, leanest: TrainSetup, gpu: GPUSpec | None, b
     """``smallest_changes`` of the leanest plan that touch a pinned knob (the search tried every free one)."""
     if not pinned:
         return ()
+    from .changes import smallest_changes  # only when nothing fits
     touched = {"batch_size": {"batch_size"}, "grad_ckpt": {"grad_ckpt"}, "optimizer": {"optimizer"},
                "bits": {"bits", "method"}}
     return tuple(c for c in smallest_changes(spec, leanest, gpu, budget)

@@ -23,8 +23,8 @@ if TYPE_CHECKING:
     from .optimizers import OptimizerSpec
     from .setup import TrainSetup
 
-__all__ = ["TrainableTensor", "adapted_linears", "trainable_tensors", "trainable_totals", "optimizer_state_bytes",
-           "pageable", "BNB_OPT_BLOCK", "BNB_MIN_8BIT_SIZE", "BNB_MIN_PAGED_SIZE"]
+__all__ = ["TrainableTensor", "Trainable", "adapted_linears", "trainable", "optimizer_state_bytes",
+           "BNB_OPT_BLOCK", "BNB_MIN_8BIT_SIZE", "BNB_MIN_PAGED_SIZE"]
 
 # bnb 8-bit optimizers: 256-value blocks with an fp32 absmax; tensors below 4096 values stay 32-bit
 # (bitsandbytes/optim/optimizer.py: min_8bit_size=4096, blockwise, block size 256).
@@ -56,14 +56,44 @@ def adapted_linears(spec: ModelSpec, targets: str) -> tuple[LinearSpec, ...]:
     return tuple(spec.resolve_targets(targets))
 
 
-def trainable_tensors(spec: ModelSpec, setup: TrainSetup) -> tuple[TrainableTensor, ...]:
-    """Every trainable tensor, which sizes gradients and optimizer state."""
+@dataclass(frozen=True, eq=False)  # compared and hashed by identity: instances are memoized by ``trainable``
+class Trainable:
+    """The trainable tensors of a setup and what they cost: values, gradient bytes, optimizer state.
+
+    ``tensors`` holds each distinct tensor shape once with its number of copies (a LoRA pair repeats in every
+    layer), so that sizing optimizer state is a handful of multiplications, not one per parameter tensor."""
+
+    tensors: tuple[tuple[TrainableTensor, int], ...]
+    values: int
+    grad_bytes: int
+
+    def state_bytes(self, opt: OptimizerSpec) -> int:
+        """Optimizer state of every trainable tensor."""
+        return optimizer_state_bytes(opt, self.tensors)
+
+    def paged_state_bytes(self, opt: OptimizerSpec) -> int:
+        """The part of the state a bitsandbytes paged optimizer puts in CUDA managed memory (0 if not paged)."""
+        if not opt.paged:
+            return 0
+        return optimizer_state_bytes(opt, tuple((t, n) for t, n in self.tensors if t.numel >= BNB_MIN_PAGED_SIZE))
+
+
+def trainable(spec: ModelSpec, setup: TrainSetup) -> Trainable:
+    """Every trainable tensor of a resolved setup, which sizes gradients and optimizer state."""
     if setup.method == "full":
-        return _full_tensors(spec, DTYPE_BYTES[load_dtype(setup)])
-    return _lora_tensors(spec, setup.targets, setup.rank, DTYPE_BYTES[setup.adapter_dtype])
+        return _trainable(spec, None, 0, DTYPE_BYTES[load_dtype(setup)])
+    return _trainable(spec, setup.targets, setup.rank, DTYPE_BYTES[setup.adapter_dtype])
 
 
-@lru_cache(maxsize=256)
+@lru_cache(maxsize=4096)
+def _trainable(spec: ModelSpec, targets: str | None, rank: int, b: int) -> Trainable:
+    copies: dict[TrainableTensor, int] = {}
+    for t in (_full_tensors(spec, b) if targets is None else _lora_tensors(spec, targets, rank, b)):
+        copies[t] = copies.get(t, 0) + 1
+    tensors = tuple(copies.items())
+    return Trainable(tensors, sum(t.numel * n for t, n in tensors), sum(t.numel * t.bytes_per_value * n for t, n in tensors))
+
+
 def _full_tensors(spec: ModelSpec, b: int) -> tuple[TrainableTensor, ...]:
     tensors: list[TrainableTensor] = []
     for lin, mult in all_linears(spec):
@@ -84,7 +114,6 @@ def _full_tensors(spec: ModelSpec, b: int) -> tuple[TrainableTensor, ...]:
     return tuple(tensors)
 
 
-@lru_cache(maxsize=4096)
 def _lora_tensors(spec: ModelSpec, targets: str, rank: int, b: int) -> tuple[TrainableTensor, ...]:
     tensors: list[TrainableTensor] = []
     for lin in adapted_linears(spec, targets):
@@ -98,22 +127,10 @@ def _lora_tensors(spec: ModelSpec, targets: str, rank: int, b: int) -> tuple[Tra
     return tuple(tensors)
 
 
-@lru_cache(maxsize=1024)
-def pageable(tensors: tuple[TrainableTensor, ...]) -> tuple[TrainableTensor, ...]:
-    """The tensors whose state a bitsandbytes paged optimizer puts in managed memory."""
-    return tuple(t for t in tensors if t.numel >= BNB_MIN_PAGED_SIZE)
-
-
-@lru_cache(maxsize=1024)
-def trainable_totals(tensors: tuple[TrainableTensor, ...]) -> tuple[int, int]:
-    """(values, gradient bytes) of the trainable tensors."""
-    return sum(t.numel for t in tensors), sum(t.numel * t.bytes_per_value for t in tensors)
-
-
-@lru_cache(maxsize=4096)
-def optimizer_state_bytes(opt: OptimizerSpec, tensors: tuple[TrainableTensor, ...]) -> int:
+def optimizer_state_bytes(opt: OptimizerSpec, tensors: tuple[tuple[TrainableTensor, int], ...]) -> int:
+    """Bytes of state ``opt`` keeps for ``tensors`` ((tensor, copies) pairs; module docstring)."""
     total = 0
-    for t in tensors:
+    for t, copies in tensors:
         n = t.numel
         if opt.factored:
             per_state = t.factored_numel * t.bytes_per_value
@@ -123,5 +140,5 @@ def optimizer_state_bytes(opt: OptimizerSpec, tensors: tuple[TrainableTensor, ..
             per_state = n * t.bytes_per_value
         else:
             per_state = n * 4  # bnb 32-bit state is fp32
-        total += opt.states * per_state
+        total += opt.states * per_state * copies
     return total

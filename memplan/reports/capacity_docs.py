@@ -11,6 +11,7 @@ from pathlib import Path
 
 from memplan.errors import InvalidSetupError
 from memplan.fileio import write_atomic
+from memplan.units import GiB
 
 from .capacity import (CSV_COLUMNS, FITS, FORMATS, NO_FIT, NOT_APPLICABLE, CapacityRow, measured_runs, require,
                        targets_short)
@@ -19,12 +20,11 @@ from .capacity_plots import BITS_COLOURS, Figure, draw, figures
 __all__ = ["markdown", "html", "write_capacity_report"]
 
 
-_GIB = 2**30
 _OPT_SHORT = {"adamw_torch": "", "adamw_bnb_8bit": "adam8", "paged_adamw_8bit": "paged8"}
 
 
 def _gib(n: int | None, precision: int = 2) -> str:
-    return "—" if n is None else f"{n / _GIB:.{precision}f}"
+    return "—" if n is None else f"{n / GiB:.{precision}f}"
 
 
 def _cell(r: CapacityRow) -> str:
@@ -53,7 +53,7 @@ def _matrix_table(at_seq: list[CapacityRow]) -> tuple[list[str], list[list[tuple
     models = sorted(dict.fromkeys(r.model for r in at_seq), key=lambda m: _params(at_seq)[m])
     cards = sorted({r.gpu_id: r for r in at_seq}.values(), key=lambda r: (r.gpu_total_bytes, r.gpu))
     by = {(r.model, r.gpu_id): r for r in at_seq}
-    header = ["model"] + [f"{c.gpu} ({c.gpu_total_bytes / _GIB:.0f} GiB)" for c in cards]
+    header = ["model"] + [f"{c.gpu} ({c.gpu_total_bytes / GiB:.0f} GiB)" for c in cards]
     body = [[(_cell(by[m, c.gpu_id]), by[m, c.gpu_id].bits if by[m, c.gpu_id].status == FITS else None)
              for c in cards] for m in models]
     labels = [f"{m} ({_params(at_seq)[m] / 1e9:.1f}B)" for m in models]

@@ -13,12 +13,12 @@ from pathlib import Path
 
 from memplan.fileio import write_atomic
 from memplan.plan.breakdown import COMPONENT_LABELS, COMPONENTS
+from memplan.units import GiB
 
 from .capacity import FITS, NO_FIT, CapacityRow, peak_curves, targets_short
 
 __all__ = ["Figure", "figures", "draw", "BITS_COLOURS"]
 
-_GIB = 2**30
 DPI = 130
 # Base-weight precision of the best plan. A sequential green-to-orange scale that stays distinct in grey
 # scale and for red-green colour blindness (ColorBrewer PRGn / PuOr ends); grey: nothing fits.
@@ -108,7 +108,7 @@ def _heatmap(plt, fig: Figure):
     ax.set_xlim(0, len(cards))
     ax.set_ylim(len(models), 0)
     ax.set_xticks([j + 0.5 for j in range(len(cards))])
-    ax.set_xticklabels([f"{c.gpu}\n{c.gpu_total_bytes / _GIB:.0f} GiB" for c in cards])
+    ax.set_xticklabels([f"{c.gpu}\n{c.gpu_total_bytes / GiB:.0f} GiB" for c in cards])
     ax.set_yticks([i + 0.5 for i in range(len(models))])
     ax.set_yticklabels([f"{m}  ({params[m] / 1e9:.1f}B)" for m in models])
     ax.tick_params(length=0)
@@ -135,7 +135,7 @@ def _breakdown(plt, fig: Figure):
     xs = range(len(rows))
     bottoms = [0.0] * len(rows)
     for comp in present:
-        vals = [r.components.get(comp, 0) / _GIB for r in rows]
+        vals = [r.components.get(comp, 0) / GiB for r in rows]
         ax.bar(xs, vals, bottom=bottoms, width=0.68, color=_COMPONENT_COLOURS[comp], label=COMPONENT_LABELS[comp],
                edgecolor="white", linewidth=0.4)
         bottoms = [b + v for b, v in zip(bottoms, vals)]
@@ -143,10 +143,10 @@ def _breakdown(plt, fig: Figure):
         if r.status != "fits" and r.components:  # the leanest plan, which does not fit: hatch it
             ax.bar(x, bottoms[x], width=0.68, facecolor="none", edgecolor="#b2182b", hatch="//", linewidth=1.2)
     card = rows[0]
-    budget, total = card.budget_bytes / _GIB, card.gpu_total_bytes / _GIB
+    budget, total = card.budget_bytes / GiB, card.gpu_total_bytes / GiB
     ax.axhline(total, color="#555555", ls="--", lw=1.2, label=f"{card.gpu} total memory ({total:.1f} GiB)")
     ax.axhline(budget, color="#b2182b", ls="-", lw=1.8,
-               label=f"limit for a plan's peak ({budget:.1f} GiB)\n= usable {card.usable_bytes / _GIB:.1f} GiB "
+               label=f"limit for a plan's peak ({budget:.1f} GiB)\n= usable {card.usable_bytes / GiB:.1f} GiB "
                      "+ CUDA context")
     # A leanest plan many times the card (405B on a 24 GiB card) would flatten every other bar: clip it.
     top = max([b for b, r in zip(bottoms, rows) if r.status == "fits"] + [total]) * 1.08
@@ -189,7 +189,7 @@ def _card_lines(cards: list[CapacityRow]) -> list[tuple[float, str]]:
     """(limit GiB, label) per distinct limit; cards within 0.5 GiB share a line and a label."""
     lines: list[tuple[float, list[str]]] = []
     for c in sorted(cards, key=lambda c: c.budget_bytes):
-        gib = c.budget_bytes / _GIB
+        gib = c.budget_bytes / GiB
         if lines and gib - lines[-1][0] < 0.5:
             lines[-1][1].append(c.gpu)
         else:
@@ -208,7 +208,7 @@ def _spread(ys: list[float], gap: float) -> list[float]:
 def _curves(plt, fig: Figure):
     points = fig.data["points"]
     lines = _card_lines(fig.data["cards"])
-    ymax = (lines[-1][0] if lines else max(p.peak_bytes for p in points) / _GIB) * 1.12
+    ymax = (lines[-1][0] if lines else max(p.peak_bytes for p in points) / GiB) * 1.12
     mfig, axes = plt.subplots(1, 2, figsize=(14, 6.6), sharey=True)
     style = {16: ("#1b7837", "16-bit LoRA"), 8: ("#7fbf7b", "8-bit LoRA"), 4: ("#e08214", "4-bit QLoRA")}
     for ax, axis in zip(axes, ("batch", "seq_len")):
@@ -221,7 +221,7 @@ def _curves(plt, fig: Figure):
         for (bits, ckpt), pts in series.items():
             colour, name = style.get(bits, ("#444444", f"{bits}-bit"))
             xs = [p.batch_size if axis == "batch" else p.seq_len for p in pts]
-            ax.plot(xs, [p.peak_bytes / _GIB for p in pts], color=colour, ls="--" if ckpt else "-", marker="o",
+            ax.plot(xs, [p.peak_bytes / GiB for p in pts], color=colour, ls="--" if ckpt else "-", marker="o",
                     ms=4, lw=2, label=f"{name}, {'with' if ckpt else 'no'} checkpointing")
         ax.set_xscale("log", base=2)
         xs = sorted({p.batch_size if axis == "batch" else p.seq_len for p in points if p.axis == axis})
@@ -274,7 +274,7 @@ class Figure:
 def _representative_card(rows: Sequence[CapacityRow]) -> str:
     """The card id nearest 24 GiB (a 3090/4090 class card): the breakdown figure's card."""
     cards = {r.gpu_id: r.gpu_total_bytes for r in rows}
-    return min(cards, key=lambda g: (abs(cards[g] - 24 * 2**30), -cards[g]))
+    return min(cards, key=lambda g: (abs(cards[g] - 24 * GiB), -cards[g]))
 
 
 def figures(rows: Sequence[CapacityRow], curve_model: str | None, profiles_dir) -> list[Figure]:

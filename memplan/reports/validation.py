@@ -11,6 +11,7 @@ from pathlib import Path
 from memplan.fileio import write_atomic
 from memplan.measure.validate import MATRIX_SETUP_KEYS, MatrixRow, RunRow
 from memplan.plan.breakdown import COMPONENTS
+from memplan.units import GiB
 
 __all__ = ["write_report"]
 
@@ -87,7 +88,7 @@ def write_report(out_dir: str | os.PathLike, *, matrix: list[MatrixRow] | None =
             "allocator overhead, cuBLAS workspace). 8-bit (LLM.int8) is left out: its CUDA path cannot be "
             "simulated on a CPU.", "",
             f"- setups: **{s['n']}** over **{len(archs)} architectures** ({', '.join(archs)}); "
-            f"largest weights simulated {biggest / 2**30:.0f} GiB",
+            f"largest weights simulated {biggest / GiB:.0f} GiB",
             f"- median |error|: **{100 * s['median_abs_error']:.2f}%**, worst: **{100 * s['worst_abs_error']:.2f}%**",
             f"- within 2%: {s['within_2pct']}/{s['n']}; within 5%: {s['within_5pct']}/{s['n']}",
         ]
@@ -111,7 +112,7 @@ def write_report(out_dir: str | os.PathLike, *, matrix: list[MatrixRow] | None =
         lines += ["", "Worst 15 setups:", "", "| setup | analytic GiB | simulated GiB | ratio | phases (analytic / sim) |",
                   "|---|---:|---:|---:|---|"]
         for r in sorted(ok, key=lambda r: -abs(r.ratio - 1))[:15]:
-            lines.append(f"| {_setup_label(r.setup)} | {r.analytic_bytes / 2**30:.3f} | {r.simulated_bytes / 2**30:.3f} "
+            lines.append(f"| {_setup_label(r.setup)} | {r.analytic_bytes / GiB:.3f} | {r.simulated_bytes / GiB:.3f} "
                          f"| {r.ratio:.3f} | {r.analytic_phase} / {r.simulated_phase} |")
         header = [*MATRIX_SETUP_KEYS, "architecture", "analytic_bytes", "simulated_bytes", "ratio", "analytic_phase",
                   "simulated_phase", "sim_seconds", "error"]
@@ -139,7 +140,7 @@ def write_report(out_dir: str | os.PathLike, *, matrix: list[MatrixRow] | None =
                   "| run | device | measured | measured GiB | analytic ÷ measured | simulated ÷ measured |",
                   "|---|---|---|---:|---:|---:|"]
         for r in runs:
-            meas = f"{r.measured_bytes / 2**30:.4f}" if r.measured_bytes else "n/a"
+            meas = f"{r.measured_bytes / GiB:.4f}" if r.measured_bytes else "n/a"
             ar_s = f"{r.analytic_ratio:.3f}" if r.analytic_ratio is not None else "n/a"
             sr_s = f"{r.simulated_ratio:.4f}" if r.simulated_ratio is not None else "n/a"
             lines.append(f"| {_setup_label(r.setup)} | {r.device} | {r.measured_kind} | {meas} | {ar_s} | {sr_s} |")
@@ -173,7 +174,7 @@ def _plot(path: Path, matrix: list[MatrixRow], runs: list[RunRow]) -> Path | Non
     if not matrix and not runs:
         return None
     fig, ax = plt.subplots(figsize=(7.5, 6.5), dpi=120)
-    gib = 2**30
+    gib = GiB
     archs = sorted({r.architecture for r in matrix})
     cmap = plt.get_cmap("tab20")
     for i, arch in enumerate(archs):

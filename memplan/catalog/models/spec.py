@@ -125,7 +125,6 @@ class ModelSpec(LoraTargets):
     params: tuple[ParamSpec, ...]  # everything else (embeddings, norms, stray biases)
     config: dict = field(repr=False, compare=False, default_factory=dict)  # the raw config.json values
 
-    # --- additions to the contract ---
     # Output layers whose weight IS the input embedding (tied lm_head, BERT's MLM decoder): peft can adapt
     # them, but their weight is stored once, in the embedding ParamSpec, so they count no parameters here.
     tied_linears: tuple[LinearSpec, ...] = ()
