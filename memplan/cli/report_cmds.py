@@ -87,14 +87,21 @@ def _run_capacity(args) -> int:
     from memplan.reports.capacity import capacity_rows
     from memplan.reports.capacity_docs import write_capacity_report
 
-    require("matplotlib")  # fail before the search, with the install hint
+    from memplan.catalog.gpus import load_gpu
+    from memplan.catalog.models import load_model
+    from memplan.plan.budget import check_headroom
+
     models = [n for item in (args.models or [",".join(DEFAULT_MODELS)]) for n in _names(item)]
     gpus = [n for item in (args.gpus or [",".join(DEFAULT_GPUS)]) for n in _names(item)]
     seq_lens = args.seq_len or list(DEFAULT_SEQ_LENS)
-    if args.curve_model:
-        from memplan.catalog.models import load_model
-
-        load_model(args.curve_model, profiles_dir=args.profiles)  # an unknown name fails before the search
+    # Bad names and values first (their own message, with or without the report extra), then the extra,
+    # then the search: nothing fails after minutes of work.
+    for name in models + ([args.curve_model] if args.curve_model else []):
+        load_model(name, profiles_dir=args.profiles)
+    for name in gpus:
+        load_gpu(name, profiles_dir=args.profiles)
+    check_headroom(args.headroom)
+    require("matplotlib")
     t0 = time.perf_counter()
     rows = capacity_rows(models, gpus, seq_lens, profiles_dir=args.profiles, headroom=args.headroom)
     parts = ["memplan", "report", "capacity"]

@@ -16,10 +16,10 @@ import warnings
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch = pytest.importorskip("torch")
-pytest.importorskip("transformers")
-pytest.importorskip("peft")
-pytest.importorskip("bitsandbytes")
+from tests.extras import require  # noqa: E402
+
+EXTRAS = require('torch', 'transformers', 'peft', 'bitsandbytes')
+import torch  # noqa: E402
 
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig, TrainingArguments  # noqa: E402
@@ -28,7 +28,7 @@ import memplan  # noqa: E402
 from memplan.errors import InvalidSetupError, UnknownGPUError, UnreadableModelError, WontFitError  # noqa: E402
 from memplan.integrations.preflight import NoDeviceError, PreflightWarning, read_live_model  # noqa: E402
 
-pytestmark = [pytest.mark.filterwarnings("ignore:torch.utils.checkpoint"),
+pytestmark = [EXTRAS, pytest.mark.filterwarnings("ignore:torch.utils.checkpoint"),
               pytest.mark.filterwarnings("ignore::UserWarning:bitsandbytes")]
 
 TINY_LLAMA = {"model_type": "llama", "vocab_size": 1000, "hidden_size": 128, "intermediate_size": 256,

@@ -49,13 +49,13 @@ def write(tmp_path, name, text):
 
 # (fixture, format, argv with the config, the same setup as flags, fields the file sets)
 ROUND_TRIPS = [
-    (AXOLOTL, "axolotl", ["--config", AXOLOTL],
+    pytest.param(AXOLOTL, "axolotl", ["--config", AXOLOTL],
      ["llama-2-7b", "--method", "qlora", "--bits", "4", "--rank", "32", "--alpha", "16", "--lora-dropout", "0.05",
       "--targets", "all-linear", "--seq-len", "4096", "--batch-size", "2", "--grad-ckpt",
       "--optimizer", "paged_adamw_32bit", "--attn", "flash_attention_2"],
      {"method": "qlora", "bits": 4, "rank": 32, "alpha": 16, "lora_dropout": 0.05, "targets": "all-linear",
       "seq_len": 4096, "batch_size": 2, "grad_ckpt": True, "optimizer": "paged_adamw_32bit",
-      "attn": "flash_attention_2"}),
+      "attn": "flash_attention_2"}, marks=pytest.mark.extras("yaml"), id="axolotl"),
     (TRAINING_ARGS, "training_args", ["--model", "llama-2-7b", "--config", TRAINING_ARGS],
      ["llama-2-7b", "--batch-size", "4", "--grad-ckpt", "--dtype", "bf16", "--optimizer", "paged_adamw_8bit"],
      {"batch_size": 4, "grad_ckpt": True, "dtype": "bf16", "optimizer": "paged_adamw_8bit"}),
@@ -74,7 +74,7 @@ ROUND_TRIPS = [
 
 
 @pytest.mark.parametrize("path, fmt, config_argv, flag_argv, expected", ROUND_TRIPS,
-                         ids=[r[1] for r in ROUND_TRIPS])
+                         ids=[r.id if hasattr(r, "id") else r[1] for r in ROUND_TRIPS])
 def test_each_format_matches_the_equivalent_flags(capsys, path, fmt, config_argv, flag_argv, expected):
     cfg = load_training_config(path)
     assert cfg.format == fmt
@@ -88,6 +88,7 @@ def test_each_format_matches_the_equivalent_flags(capsys, path, fmt, config_argv
     assert run_json(capsys, "estimate", "llama-2-7b")["total_bytes"] != by_config["total_bytes"]
 
 
+@pytest.mark.extras("yaml")
 def test_models_named_in_files():
     assert load_training_config(AXOLOTL).model == "NousResearch/Llama-2-7b-hf"
     assert load_training_config(ADAPTER).model == "llama-2-7b-hf"
@@ -107,6 +108,7 @@ def test_training_args_keys_are_real_transformers_fields():
     assert set(TABLES["training_args"]) - not_ta <= set(ta)
 
 
+@pytest.mark.extras("yaml")
 def test_used_and_notes_are_reported(capsys):
     cfg = load_training_config(AXOLOTL)
     assert ("micro_batch_size", 2, "batch_size") in cfg.used
@@ -127,6 +129,7 @@ def test_flags_override_the_config(capsys):
     assert any("batch_size=8 overrides per_device_train_batch_size=4" in o for o in d["config"]["overrides"])
 
 
+@pytest.mark.extras("yaml")
 def test_later_file_wins_and_the_conflict_is_warned():
     ax, ad = load_training_config(AXOLOTL), load_training_config(ADAPTER)
     setup, pinned, report = merge_configs([ax, ad], {"batch_size": None})
@@ -147,6 +150,7 @@ def test_two_files_through_the_cli(capsys):
     assert [f["format"] for f in d["config"]["files"]] == ["peft", "bnb"]
 
 
+@pytest.mark.extras("yaml")
 @pytest.mark.parametrize("text, names", [
     ("base_model: llama-2-7b\nadapter: lora\nload_in_4bit: true\nload_in_8bit: true\n",
      ("load_in_4bit: true", "load_in_8bit: true")),
@@ -168,6 +172,7 @@ def test_contradictory_precision_in_training_args_json(tmp_path):
         load_training_config(write(tmp_path, "args.json", json.dumps(ta)))
 
 
+@pytest.mark.extras("yaml")
 def test_unknown_optimizer_names_close_matches(tmp_path):
     path = write(tmp_path, "a.yml", "base_model: llama-2-7b\nadapter: lora\noptimizer: paged_adamw_32bits\n")
     with pytest.raises(InvalidSetupError, match="did you mean: paged_adamw_32bit") as exc:
@@ -175,6 +180,7 @@ def test_unknown_optimizer_names_close_matches(tmp_path):
     assert str(exc.value).startswith(f"{path}: optimizer: unknown optimizer 'paged_adamw_32bits'")
 
 
+@pytest.mark.extras("yaml")
 def test_yaml_that_does_not_parse_exits_2_naming_file_and_line(tmp_path, capsys):
     path = write(tmp_path, "broken.yml", "base_model: llama-2-7b\nadapter: lora\nlora_r: [32\n")
     code, _, err = run(capsys, "estimate", "--config", path)
@@ -190,6 +196,7 @@ def test_json_that_does_not_parse(tmp_path):
         load_training_config(path)
 
 
+@pytest.mark.extras("yaml")
 def test_missing_file_and_unknown_formats(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_training_config(tmp_path / "nope.yml")
@@ -203,6 +210,7 @@ def test_missing_file_and_unknown_formats(tmp_path):
         load_training_config(write(tmp_path, "list.yml", "- a\n- b\n"))
 
 
+@pytest.mark.extras("yaml")
 def test_important_ignored_fields_are_warned(tmp_path, capsys):
     path = write(tmp_path, "ds.yml", "base_model: llama-2-7b\nadapter: lora\nlora_r: 16\ndeepspeed: zero3.json\n"
                                      "lora_modules_to_save:\n  - embed_tokens\n  - lm_head\ntorch_compile: true\n")
@@ -220,6 +228,7 @@ def test_important_ignored_fields_are_warned(tmp_path, capsys):
                                                                        "torch_compile"}
 
 
+@pytest.mark.extras("yaml")
 def test_axolotl_details(tmp_path):
     full = load_training_config(write(tmp_path, "full.yml", "base_model: llama-2-7b\nmicro_batch_size: 1\n"))
     assert full.fields["method"] == "full"  # no adapter: axolotl trains every parameter
@@ -231,6 +240,7 @@ def test_axolotl_details(tmp_path):
     assert both.fields["targets"] == "all-linear" and any("using lora_target_linear" in w for w in both.warnings)
 
 
+@pytest.mark.extras("yaml")
 def test_trl_names_old_and_new(tmp_path):
     old = load_training_config(write(tmp_path, "old.json", json.dumps(
         {"output_dir": "o", "per_device_train_batch_size": 1, "max_seq_length": 1024, "packing": False})))
@@ -252,6 +262,7 @@ def test_peft_adapter_folder(tmp_path):
     assert load_training_config(tmp_path).fields["rank"] == 16
 
 
+@pytest.mark.extras("yaml")
 def test_free_lets_fit_change_the_batch_only(capsys):
     pinned = run_json(capsys, "fit", "--config", AXOLOTL, "--gpu", "a100-80g")["recommended"]["setup"]
     freed = run_json(capsys, "fit", "--config", AXOLOTL, "--gpu", "a100-80g", "--free", "batch_size")

@@ -8,9 +8,12 @@ import os
 
 import pytest
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("transformers")
-pytest.importorskip("peft")
+from tests.extras import require  # noqa: E402
+
+EXTRAS = require('torch', 'transformers', 'peft')
+import torch  # noqa: E402
+
+pytestmark = EXTRAS
 
 from memplan.catalog.models import load_model  # noqa: E402
 from memplan.measure import build, nvml, optimizer  # noqa: E402

@@ -15,15 +15,15 @@ import os
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch = pytest.importorskip("torch")
-pytest.importorskip("transformers")
-pytest.importorskip("peft")
-pytest.importorskip("bitsandbytes")
+from tests.extras import require  # noqa: E402
+
+EXTRAS = require('torch', 'transformers', 'peft', 'bitsandbytes')
+import torch  # noqa: E402
 
 import torch.nn.functional as F  # noqa: E402
 
 # peft's prepare_model_for_kbit_training calls checkpoint without use_reentrant, as a user's script does
-pytestmark = pytest.mark.filterwarnings("ignore:torch.utils.checkpoint")
+pytestmark = [EXTRAS, pytest.mark.filterwarnings("ignore:torch.utils.checkpoint")]
 
 from memplan.measure.build import build_training_model  # noqa: E402
 from memplan.measure.optimizer import make_optimizer  # noqa: E402

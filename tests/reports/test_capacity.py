@@ -111,6 +111,7 @@ def report(tmp_path_factory):
     return rows, out, paths
 
 
+@pytest.mark.extras("pandas", "matplotlib")
 def test_report_files(report):
     rows, out, paths = report
     names = {p.name for p in paths}
@@ -120,6 +121,7 @@ def test_report_files(report):
     assert not list(out.glob(".*.tmp"))  # atomic writes leave no temporary files
 
 
+@pytest.mark.extras("pandas", "matplotlib")
 def test_pngs_are_real_pictures(report):
     import matplotlib.image as mpimg
 
@@ -132,6 +134,7 @@ def test_pngs_are_real_pictures(report):
         assert width > 500 and height > 300, (p, width, height)
 
 
+@pytest.mark.extras("pandas", "matplotlib")
 def test_markdown_report(report):
     rows, out, _ = report
     md = (out / "capacity.md").read_text(encoding="utf-8")
@@ -149,6 +152,7 @@ def test_markdown_report(report):
     assert "n/a: " in md  # opt-1.3b at 4,096 tokens
 
 
+@pytest.mark.extras("pandas", "matplotlib")
 def test_html_is_self_contained(report):
     _, out, _ = report
     html = (out / "capacity.html").read_text(encoding="utf-8")
@@ -161,6 +165,7 @@ def test_html_is_self_contained(report):
     assert html.count("<table>") == 4  # matrix + details per sequence length
 
 
+@pytest.mark.extras("pandas", "matplotlib")
 def test_csv_and_dataframe(report):
     rows, out, _ = report
     with open(out / "capacity.csv", newline="", encoding="utf-8") as f:
@@ -219,6 +224,7 @@ def test_cli_report_alone_prints_help_exit_2(capsys):
     assert code == 2 and "capacity" in out
 
 
+@pytest.mark.extras("pandas", "matplotlib")
 def test_cli_writes_the_report(capsys, tmp_path):
     code, out, err = _cli(capsys, "report", "capacity", "--models", "llama-3.2-1b,opt-1.3b", "--gpus", "4090",
                           "--seq-len", "512", "--format", "md,html", "--out", str(tmp_path))
@@ -259,11 +265,11 @@ def test_importing_the_report_core_stays_light():
     assert result == {"status": "fits", "loaded": []}
 
 
+@pytest.mark.extras("matplotlib")
 def test_gpu_run_records_are_listed_with_estimate_over_measured(rows, tmp_path):
     """A CUDA run record of a model in the grid (a hand-made record: the numbers are test data) appears under
     "Measured on GPUs" with memplan's estimate for that setup on that card ÷ peak reserved + context; CPU
     records do not (they measure a CPU)."""
-    pytest.importorskip("matplotlib")
     from memplan.plan.estimate import estimate_for
     from memplan.catalog.gpus import gpu_from_device
     from memplan.catalog.models import load_model
@@ -287,3 +293,33 @@ def test_gpu_run_records_are_listed_with_estimate_over_measured(rows, tmp_path):
     assert "Measured on GPUs" in (tmp_path / "out" / "capacity.html").read_text()
     write_capacity_report(rows, tmp_path / "none", ("md",), runs_dir=tmp_path / "missing")
     assert "No GPU run records" in (tmp_path / "none" / "capacity.md").read_text()
+
+
+def test_every_capacity_cell_is_what_fit_answers():
+    """The whole default grid, every catalog model x the default cards x 512 / 2048 / 8192 tokens: each cell
+    equals `memplan fit MODEL --gpu CARD --seq-len N` -- the same plan, or the same refusal. One rule for the
+    sequence limit, one budget and one search serve both (the report used to mark rotary models n/a past
+    max_position_embeddings while fit planned them)."""
+    from memplan.catalog.models import list_models
+    from memplan.errors import InvalidSetupError
+    from memplan.reports.capacity import DEFAULT_GPUS
+
+    models = [m.id for m in list_models()]
+    rows = capacity_rows(models, list(DEFAULT_GPUS), [512, 2048, 8192])
+    assert len(rows) == len(models) * len(DEFAULT_GPUS) * 3
+    for r in rows:
+        try:
+            res = _fit(r.model, r.gpu_id, r.seq_len)
+        except InvalidSetupError as exc:
+            assert r.status == "n/a", (r.model, r.gpu_id, r.seq_len, str(exc))
+            continue
+        where = (r.model, r.gpu_id, r.seq_len)
+        assert (r.budget_bytes, r.usable_bytes) == (res.budget_bytes, res.usable_bytes), where
+        if res.recommended is None:
+            assert r.status == "no-fit" and r.leanest_peak_bytes == res.leanest.total_bytes, where
+            continue
+        s = res.recommended.setup
+        assert r.status == "fits", where
+        assert (r.bits, r.rank, r.targets, r.batch_size, r.grad_ckpt, r.optimizer, r.peak_bytes,
+                r.max_seq_len_batch1) == (s.bits, s.rank, s.targets, s.batch_size, s.grad_ckpt, s.optimizer,
+                                          res.recommended.total_bytes, res.max_seq_len_batch1), where

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 
+import pytest
+
 from memplan.measure.validate import MatrixRow, RunRow
 from memplan.plan.breakdown import COMPONENTS
 from memplan.reports.validation import write_report
@@ -18,6 +20,7 @@ def matrix_row(model, arch, analytic, simulated, error=None):
                      "backward_start", "backward_start", 1.0, error)
 
 
+@pytest.mark.extras("matplotlib")
 def test_report_headline_numbers_and_files(tmp_path):
     rows = [matrix_row("a", "opt", 101, 100), matrix_row("b", "opt", 97, 100), matrix_row("c", "llama", 110, 100),
             matrix_row("d", "llama", 100, 0, error="RuntimeError: boom")]
