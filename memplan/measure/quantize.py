@@ -2,9 +2,10 @@
 quantized for real (random values), or as fake stand-ins of the exact storage bitsandbytes creates.
 
 bitsandbytes' ``Params4bit`` / ``Int8Params`` cannot hold fake tensors ("Creating a new Tensor subclass
-Params4bit but the raw Tensor object is already associated to a python object of type FakeTensor"), and
-quantizing a fake or meta tensor fails (``.tolist()`` in ``create_dynamic_map``; "Cannot copy out of meta
-tensor"). Fake builds therefore give each quantized layer a stand-in: a plain uint8 (4-bit) / int8 (8-bit)
+Params4bit but the raw Tensor object is already associated to a python object of type FakeTensor"), quantizing
+a fake tensor fails (``DataDependentOutputException`` from ``.tolist()`` in ``create_dynamic_map``), and a
+``Linear4bit`` built on meta cannot be moved ("Cannot copy out of meta tensor"): docs/memory-model.md, "How
+simulate builds a model". Fake builds therefore give each quantized layer a stand-in: a plain uint8 (4-bit) / int8 (8-bit)
 Parameter plus the quantization state bitsandbytes would create, with the exact shapes and dtypes of
 ``bnb.functional.quantize_4bit`` / ``Int8Params._quantize`` (bitsandbytes 0.50). bnb's registered fake kernels
 (``gemm_4bit``, ``dequantize_4bit``, ``int8_*``) then produce the real sizes: byte-identical to a real CPU QLoRA

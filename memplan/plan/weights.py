@@ -31,8 +31,9 @@ __all__ = ["StaticTerms", "static_terms", "all_linears", "load_dtype", "float_we
 
 # bitsandbytes 0.50 4-bit (bitsandbytes/functional.py quantize_4bit): blocks of 64 values, one absmax per
 # block (fp32; with double quant: uint8, plus one fp32 absmax per 256 blocks, a 256-entry fp32 code and an fp32
-# offset), and a 16-entry fp32 code per layer. That is 0.5625 B/param without and 0.5161 B/param with double
-# quant (docs/memory-model.md, "Quantized weights"; tests/plan/test_estimate.py holds the figures).
+# offset), and a 16-entry fp32 code per layer. That is 0.5625 B/param without double quant and, with it,
+# 0.5 + 1/64 + 4/(64*256) = 0.515869 B/param plus the per-layer codes (0.5161 for a 2048x2048 weight, 0.5159
+# for OPT-13B's layers): docs/memory-model.md, "Quantized weights"; tests/plan/test_estimate.py.
 NF4_BLOCK = 64
 DQ_BLOCK = 256
 NF4_CODE_VALUES = 16

@@ -95,7 +95,8 @@ def test_tiny_mixtral_all_linear_by_hand():
 
 
 @needs_catalog
-def test_opt_13b_feasibility_numbers():
+def test_opt_13b_reference_numbers():
+    """docs/memory-model.md, "Base weights" and "LoRA parameters and gradients"."""
     spec = _load("opt-13b")
     assert spec.total_params() == 12_853_473_280
     # 40 layers x 2 x 16 x (5120 + 5120)

@@ -2,10 +2,10 @@
 
 The anchor: a fake-tensor simulation with CPU semantics must equal a REAL CPU training run of the same setup
 under the same tracker, to the byte -- total peak, per-phase peaks and per-step peaks -- for tiny models
-(shared/notes/feasibility.md §5 found this for OPT; here it is kept true for fp32/bf16, gradient
+(docs/memory-model.md, "Exact measurement", shows this for OPT; here it is kept true for fp32/bf16, gradient
 checkpointing, LoRA, QLoRA NF4 + double quant through real bitsandbytes, AdamW and a bnb 8-bit optimizer,
 and a grouped-query llama). CUDA semantics cannot be checked without a GPU; it is checked for the direction
-of its changes and against the OPT-13B numbers of feasibility.md §3-4.
+of its changes and against the OPT-13B numbers of docs/memory-model.md ("Base weights", "Activations").
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from memplan.plan.setup import TrainSetup, resolve_setup  # noqa: E402
 from memplan.measure.simulate import simulate, simulate_for  # noqa: E402
 from memplan.measure.tracker import MemoryTracker  # noqa: E402
 
-# feasibility.md §5: OPT h=256, L=4, V=1000
+# docs/memory-model.md, "Exact measurement": OPT h=256, L=4, V=1000
 TINY_OPT = {"model_type": "opt", "vocab_size": 1000, "hidden_size": 256, "num_hidden_layers": 4, "ffn_dim": 1024,
             "num_attention_heads": 4, "max_position_embeddings": 512, "word_embed_proj_dim": 256}
 # grouped-query attention (4 query heads share 2 k/v heads), rotary, RMSNorm, SwiGLU
@@ -349,9 +349,10 @@ def test_to_dict_has_the_estimate_keys(opt_spec):
     assert d["device_semantics"] == "cuda" and d["peak_phase"] in PHASES
 
 
-def test_opt_13b_lora_matches_feasibility_numbers():
-    """feasibility.md §3: 12,853,473,280 parameters (tied lm_head), LoRA r=16 on q,v = 13,107,200 fp32
-    values = 50 MiB; the peak is the loss gradient at the start of backward."""
+def test_opt_13b_lora_matches_reference_numbers():
+    """docs/memory-model.md ("Base weights", "LoRA parameters and gradients"): 12,853,473,280 parameters
+    (tied lm_head), LoRA r=16 on q,v = 13,107,200 fp32 values = 50 MiB; the peak is the loss gradient at the
+    start of backward."""
     try:
         load_model("opt-13b")
     except Exception as e:  # the catalog is not where the tests run

@@ -1,5 +1,5 @@
 """The analytic estimator, pinned with hand-computed expectations. Each expected number is derived in a
-comment; the OPT-13B ones are the byte counts measured in shared/notes/feasibility.md."""
+comment; the OPT-13B ones are the byte counts measured in docs/memory-model.md."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ MiB = 2**20
 
 # OPT-13B: 40 layers, hidden 5120, 40 heads (head_dim 128), ffn 20480, vocab 50272, tied lm_head,
 # dropout 0.1, LayerNorm (facebook/opt-13b config.json).
-OPT13B_PARAMS = 12_853_473_280  # feasibility.md §3, meta-device count
+OPT13B_PARAMS = 12_853_473_280  # docs/memory-model.md, "Base weights": meta-device count
 OPT13B_LORA_R16_QV = 13_107_200  # 40 layers x 2 modules x 16 x (5120 + 5120)
 
 
@@ -42,26 +42,29 @@ def test_components_sum_to_total_in_every_phase():
     assert e.components == e.phases[e.peak_phase]
 
 
-def test_opt13b_fp16_lora_weights_and_adapter_match_feasibility_bytes():
+def test_opt13b_fp16_lora_weights_and_adapter_match_reference_bytes():
     e = opt13b_lora()
-    # fp16 base: 12,853,473,280 params x 2 B = 25,706,946,560 B = 24,516.05 MiB (feasibility.md §4)
+    # fp16 base: 12,853,473,280 params x 2 B = 25,706,946,560 B = 24,516.05 MiB
+    # (docs/memory-model.md, "Base weights")
     assert e.components["weights"] == OPT13B_PARAMS * 2 == 25_706_946_560
     assert round(e.components["weights"] / MiB, 2) == 24516.05
-    # LoRA r=16 on q,v in fp32: 13,107,200 x 4 B = 50 MiB exactly (feasibility.md §3-4)
+    # LoRA r=16 on q,v in fp32: 13,107,200 x 4 B = 50 MiB exactly
+    # (docs/memory-model.md, "LoRA parameters and gradients")
     assert e.params.trainable == OPT13B_LORA_R16_QV
     assert e.components["lora_params"] == OPT13B_LORA_R16_QV * 4 == 50 * MiB
-    # AdamW keeps two fp32 states per LoRA value: 100 MiB, MemTracker's "Optstate" (feasibility.md §4)
+    # AdamW keeps two fp32 states per LoRA value: 100 MiB (docs/memory-model.md, "Optimizer state")
     assert e.components["optimizer_state"] == 100 * MiB
     assert e.components["quantized_weights"] == e.components["quant_constants"] == 0
     assert e.params.total == OPT13B_PARAMS
 
 
-def test_opt13b_peak_is_at_backward_start_with_feasibility_activation_bytes():
+def test_opt13b_peak_is_at_backward_start_with_reference_activation_bytes():
     e = opt13b_lora()
-    assert e.peak_phase == "backward_start"  # feasibility.md §4: "The peak is at the start of backward"
+    assert e.peak_phase == "backward_start"  # docs/memory-model.md, "Phases": the LoRA peak is at backward start
     assert e.components["gradients"] == 0  # no LoRA gradient exists yet at that moment
-    # Per layer and token: 32 B x hidden (feasibility.md §4 attribution: LoRA dropout outputs 2 x fp32 = 8,
-    # dropout masks 4 x 1 = 4, ReLU output 4h fp16 = 8, q/k/v/attn-out + 2 LayerNorm inputs 6 x fp16 = 12)
+    # Per layer and token: 32 B x hidden (docs/memory-model.md, "Activations", per-op attribution: LoRA
+    # dropout outputs 2 x fp32 = 8, dropout masks 4 x 1 = 4, ReLU output 4h fp16 = 8, q/k/v/attn-out
+    # + 2 LayerNorm inputs 6 x fp16 = 12)
     # = 163,840, plus LayerNorm mean+rstd 2 x 2 x 4 = 16, flash logsumexp 40 heads x 4 = 160 and the two
     # lora_A outputs 2 x 16 x 4 = 128: 164,144 B.
     per_layer_token = 32 * 5120 + 16 + 160 + 128
@@ -72,8 +75,8 @@ def test_opt13b_peak_is_at_backward_start_with_feasibility_activation_bytes():
     extras = (16 + 2 * 5120 + 8) * tokens
     assert e.components["activations"] == layers + extras
     # Logits at backward start: fp32 log-softmax + fp32 nll grad + fp32 log-softmax grad = tokens x vocab x 12
-    # = 294.56 MiB. feasibility.md §4 lists 49 MiB of fp16 logits besides ("about 344 MiB") because its script
-    # held the model output; a training loop that keeps only the loss (the HF Trainer) has freed them, and
+    # = 294.56 MiB. A loop that holds the model output also keeps 49 MiB of fp16 logits (docs/memory-model.md,
+    # "Logits and loss"); a training loop that keeps only the loss (the HF Trainer) has freed them, and
     # memplan simulate of this setup tracks exactly these three fp32 tensors.
     assert e.components["logits_loss"] == 512 * 50272 * 12
     assert round(e.components["logits_loss"] / MiB, 2) == 294.56
@@ -84,10 +87,11 @@ def test_opt13b_gradient_checkpointing_keeps_layer_inputs_only():
     # 40 layer inputs x 512 tokens x 5120 x 2 B = 200 MiB, plus the same extras as without checkpointing.
     assert e.components["activations"] == 40 * 512 * 5120 * 2 + (16 + 2 * 5120 + 8) * 512
     assert e.peak_phase == "backward_start"
-    # feasibility.md §4 measured 25,119.72 - 24,566.05 = 553.67 MiB of activations + logits with GC, which
-    # includes the 49 MiB of fp16 logits its script kept alive (see the test above).
+    # memplan simulate of this setup with GC: activations + logits_loss = 210.01 + 294.56 = 504.57 MiB
+    # (python benchmarks/memory_facts.py, section D; docs/memory-model.md, "Activations"). The estimate leaves
+    # out the 5 MiB embedding output that enable_input_require_grads keeps alive (ibid.).
     act = (e.components["activations"] + e.components["logits_loss"]) / MiB
-    assert abs(act + 49.09 - 553.67) / 553.67 < 0.02
+    assert abs(act - 504.57) / 504.57 < 0.02
 
 
 def test_qlora_nf4_double_quant_constants_per_layer():
@@ -103,7 +107,8 @@ def test_qlora_nf4_double_quant_constants_per_layer():
     assert e.components["quantized_weights"] == (40 * (4 * 5120 * 5120 + 2 * 5120 * 20480)) // 2
     assert e.params.quantized == 40 * (4 * 5120 * 5120 + 2 * 5120 * 20480)
     assert n_linear == 240
-    # Double quant brings the constants to ~0.0159 B/param (feasibility.md: 0.5161 vs 0.5625 B/param).
+    # Double quant brings the constants to ~0.0159 B/param (docs/memory-model.md, "Quantized weights":
+    # 0.5161 vs 0.5625 B/param).
     per_param = (e.components["quantized_weights"] + e.components["quant_constants"]) / e.params.quantized
     assert 0.5159 < per_param < 0.5162
 
@@ -119,14 +124,15 @@ def round_up(n, m=512):
 def test_nf4_without_double_quant_is_0_5625_bytes_per_param():
     e = _est(method="qlora", double_quant=False)
     per_param = (e.components["quantized_weights"] + e.components["quant_constants"]) / e.params.quantized
-    assert abs(per_param - 0.5625) < 1e-4  # 0.5 + 4/64 (feasibility.md §2)
+    assert abs(per_param - 0.5625) < 1e-4  # 0.5 + 4/64 (docs/memory-model.md, "Quantized weights")
 
 
 def test_kbit_upcast_puts_the_float_rest_in_fp32():
     spec = load_model("opt-13b")
     rest = spec.total_params() - 40 * (4 * 5120 * 5120 + 2 * 5120 * 20480)
     # embeddings (50272 x 5120) + positions (2050 x 5120) + norms + biases, fp32 after
-    # prepare_model_for_kbit_training: the fp32 embedding alone is 982 MiB (feasibility.md §2).
+    # prepare_model_for_kbit_training: the fp32 embedding alone is 982 MiB (docs/memory-model.md,
+    # "Quantized weights").
     assert _est(method="qlora").components["weights"] == rest * 4
     assert _est(method="qlora", upcast_non_quantized=False, dtype="bf16").components["weights"] == rest * 2
     assert round(50272 * 5120 * 4 / MiB) == 982
