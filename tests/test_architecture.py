@@ -184,7 +184,8 @@ from memplan.cli import main
 out = io.StringIO()
 with contextlib.redirect_stdout(out):
     codes = [main(["fit", "opt-13b", "--gpu", "3090"]), main(["estimate", "llama-2-7b", "--bits", "4"]),
-             main(["models", "--json"]), main(["gpus", "--json"]), main(["fit", "mistral-7b-v0.1", "--gpu", "a6000", "--json"])]
+             main(["models", "--json"]), main(["gpus", "--json"]),
+             main(["fit", "mistral-7b-v0.1", "--gpu", "a6000", "--json"])]
 heavy = %r
 print(json.dumps({"codes": codes, "loaded": sorted(m for m in heavy if m in sys.modules)}))
 """
@@ -198,7 +199,8 @@ def test_planning_leaves_heavy_packages_unimported():
 
 
 def test_import_memplan_is_cheap():
-    proc = subprocess.run([sys.executable, "-c", "import sys, memplan; print(sorted(m for m in sys.modules if m.startswith('memplan')))"],
+    code = "import sys, memplan; print(sorted(m for m in sys.modules if m.startswith('memplan')))"
+    proc = subprocess.run([sys.executable, "-c", code],
                           capture_output=True, text=True, check=True)
     assert proc.stdout.strip() == "['memplan']"
 

@@ -25,6 +25,7 @@ __all__ = [
     "GENERIC_CUDA_CONTEXT_BYTES",
     "list_gpus",
     "load_gpu",
+    "as_gpu",
     "custom_gpu",
     "detect_local_gpu",
     "gpu_from_device",
@@ -54,10 +55,16 @@ _CC_FAMILY = {
 # Words NVML and users put in front of a card name that add nothing ("NVIDIA GeForce RTX 3090" = "RTX 3090").
 _VENDOR_PREFIXES = ("nvidia", "geforce", "tesla")
 
-# Memory budgets: GiB/MiB are binary (2**30, 2**20), GB/MB decimal (10**9, 10**6) as on spec sheets.
-# "B" exists so that every ad-hoc card's id round-trips through load_gpu (see _budget_id).
-_BUDGET_UNITS = {"gib": GiB, "gb": 10**9, "mib": MiB, "mb": 10**6, "b": 1}
-_BUDGET_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(gib|gb|mib|mb|b)\s*$", re.IGNORECASE)
+# Memory budgets: TiB/GiB/MiB/KiB (and Ti/Gi/Mi/Ki) are binary (2**40 ...), TB/GB/MB/KB and the bare T/G/M/K
+# decimal (10**12 ...), as on spec sheets ("a 24 GB card") and as Kubernetes reads "24G". "B" exists so that
+# every ad-hoc card's id round-trips through load_gpu (see _budget_id).
+_BUDGET_UNITS = {"tib": 2**40, "ti": 2**40, "tb": 10**12, "t": 10**12, "gib": GiB, "gi": GiB, "gb": 10**9, "g": 10**9,
+                 "mib": MiB, "mi": MiB, "mb": 10**6, "m": 10**6, "kib": 1024, "ki": 1024, "kb": 1000, "k": 1000,
+                 "b": 1}
+_BUDGET_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(tib|ti|tb|t|gib|gi|gb|g|mib|mi|mb|m|kib|ki|kb|k|b)\s*$",
+                        re.IGNORECASE)
+# No GPU or GPU budget comes near a pebibyte: a larger number is a typo (and would overflow float arithmetic).
+_MAX_BUDGET_BYTES = 2**50
 
 _LOCAL_NAMES = ("cuda", "local")
 
@@ -229,7 +236,23 @@ def load_gpu(name: str, *, profiles_dir=None) -> GPUSpec:
     budget = _parse_budget(name)
     if budget is not None:
         return _custom_from_bytes(budget, name=None)
-    raise UnknownGPUError(f"unknown GPU {name!r}{_suggest(name, cat)}")
+    raise UnknownGPUError(f"unknown GPU {_shown(name)}{_suggest(name, cat)}")
+
+
+def as_gpu(gpu, *, profiles_dir=None) -> GPUSpec | None:
+    """What the Python API takes for a card: a ``GPUSpec``, a name or budget for ``load_gpu``, or None (no
+    card). Anything else is refused naming it (``fit(setup, 24)`` means nothing: ``"24GiB"`` does)."""
+    if gpu is None or isinstance(gpu, GPUSpec):
+        return gpu
+    if isinstance(gpu, str):
+        return load_gpu(gpu, profiles_dir=profiles_dir)
+    raise UnknownGPUError(f"invalid GPU {gpu!r} ({type(gpu).__name__}); give a card name such as '3090', a budget "
+                          f"such as '24GiB', or a GPUSpec")
+
+
+def _shown(name: str) -> str:
+    """A name as an error message shows it: quoted, and cut when it is longer than any card name."""
+    return repr(name) if len(name) <= 60 else repr(name[:57] + "...")
 
 
 def _suggest(name: str, cat: _Catalog) -> str:
@@ -255,6 +278,9 @@ def _parse_budget(text: str) -> int | None:
     m = _BUDGET_RE.match(text)
     if m is None:
         return None
+    if len(m.group(1)) > 20:  # no budget has 20 digits: refuse before doing arithmetic on the number
+        raise InvalidSetupError(f"GPU memory budget {text.strip()[:40]}... is not a plausible size; give one such as "
+                                f"24GiB")
     from fractions import Fraction  # exact decimals (22.5GiB); fractions imports decimal: only when a budget is read
 
     return round(Fraction(m.group(1)) * _BUDGET_UNITS[m.group(2).lower()])
@@ -281,10 +307,15 @@ def custom_gpu(total_gib: float, *, name: str | None = None) -> GPUSpec:
 def _custom_from_bytes(total_bytes: int, *, name: str | None) -> GPUSpec:
     if total_bytes <= 0:
         raise InvalidSetupError(f"GPU memory budget must be positive, got {total_bytes} bytes")
+    if total_bytes > _MAX_BUDGET_BYTES:
+        raise InvalidSetupError(f"GPU memory budget of {total_bytes:.3g} bytes is larger than any card or machine "
+                                f"(limit 1 PiB); give one such as 24GiB")
     budget_id = _budget_id(total_bytes)
+    # the id round-trips through load_gpu; people read whole units better than 322122547B
+    shown = format_gib(total_bytes, 2).replace(" ", "") if budget_id[-2].isdigit() else budget_id
     return GPUSpec(
         id=budget_id,
-        name=name or f"custom {budget_id} card",
+        name=name or f"custom {shown} card",
         aliases=(),
         total_bytes=total_bytes,
         # A budget says nothing about the chip. Assume Ampere or newer (bf16, flash-attention capable): that

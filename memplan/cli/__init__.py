@@ -42,6 +42,9 @@ def build_parser(argv: Sequence[str] | None = None) -> Parser:
               memplan report capacity --format md,html
             """),
     )
+    from memplan import __version__
+
+    parser.add_argument("--version", action="version", version=f"memplan {__version__}")
     sub = parser.add_subparsers(dest="command", parser_class=Parser)
     first = next((a for a in argv or () if not a.startswith("-")), None)
     modules = [_COMMANDS[first]] if first in _COMMANDS else list(dict.fromkeys(_COMMANDS.values()))
@@ -54,17 +57,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(argv)
     args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
+    if not getattr(args, "func", None):  # no subcommand: the help is the answer, on stderr (not a result)
+        parser.print_help(sys.stderr)
         return 2
     try:
         return args.func(args)
     except MemplanError as exc:
-        sys.stderr.write(f"memplan {args.command}: error: {exc}\n")
+        sys.stderr.write(f"{args.prog}: error: {exc}\n")
         return 2
     except ModuleNotFoundError as exc:
         if exc.name and exc.name.split(".")[0] in HEAVY_PACKAGES:
-            sys.stderr.write(f"memplan {args.command}: error: this command needs {exc.name.split('.')[0]}, which is "
+            sys.stderr.write(f"{args.prog}: error: this command needs {exc.name.split('.')[0]}, which is "
                              f"not installed; install the measurement stack with: pip install 'memplan[profile]'\n")
             return 2
         raise

@@ -17,8 +17,33 @@ HEAVY_PACKAGES = frozenset({"torch", "transformers", "peft", "bitsandbytes", "ac
                             "pandas"})
 
 
+class _Once(argparse.Action):
+    """Store an option's value, refusing a second one: ``--gpu 3090 --gpu 4090`` is a mistake, not a choice."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        given = namespace.__dict__.setdefault("_given_once", set())
+        if self.dest in given:
+            before = getattr(namespace, self.dest)
+            parser.error(f"{option_string} given twice ({before!r} and {values!r}); give it once")
+        given.add(self.dest)
+        setattr(namespace, self.dest, values)
+
+
 class Parser(argparse.ArgumentParser):
-    """argparse that reports a usage error as one line and exit code 2."""
+    """argparse that reports a usage error as one line and exit code 2, and refuses a single-valued option
+    given twice."""
+
+    def add_argument(self, *args, **kwargs):
+        if kwargs.get("action") in (None, "store") and args and args[0].startswith("-"):
+            kwargs["action"] = _Once
+        return super().add_argument(*args, **kwargs)
+
+    def parse_known_args(self, args=None, namespace=None):
+        # the innermost parser finishes first: "memplan report capacity" names an error, not "memplan report"
+        namespace, rest = super().parse_known_args(args, namespace)
+        if getattr(namespace, "prog", None) is None:
+            namespace.prog = self.prog
+        return namespace, rest
 
     def error(self, message: str):  # noqa: D401 - argparse API
         # prog is "memplan fit" or "memplan report capacity": name the whole command
@@ -38,6 +63,7 @@ def add_knobs(p: argparse.ArgumentParser, *, searched: bool = False) -> None:
         if knob.kind is bool:
             kw["action"] = argparse.BooleanOptionalAction
         else:
+            kw["action"] = _Once  # an argument group's add_argument is not the parser's
             kw["type"] = knob.kind
             if knob.choices is not None:
                 kw["choices"] = list(knob.choices)

@@ -4,7 +4,10 @@ transformers, peft, bitsandbytes; imported inside the run functions)."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import warnings
+from pathlib import Path
 
 from .common import add_knobs, console, print_json, setup_from_args
 
@@ -35,7 +38,8 @@ def add_parsers(sub) -> None:
     add_knobs(p)
     p.add_argument("--steps", type=int, default=3, help="training steps per run (default 3)")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available, else cpu")
-    p.add_argument("--out", default=None, help="folder for run records (default: the catalog's runs/)")
+    p.add_argument("--out", default="memplan-runs",
+                   help="folder for run records (default memplan-runs/ here; records are added, never replaced)")
     p.add_argument("--sweep", action="store_true", help="double the batch size from --batch-size until out of memory")
     p.add_argument("--max-batch", type=int, default=256, help="largest batch a sweep tries (default 256)")
     p.add_argument("--memory-fraction", type=float, default=None,
@@ -47,8 +51,10 @@ def add_parsers(sub) -> None:
     p = sub.add_parser("validate", help="estimate ÷ measured for recorded runs and a simulated grid; writes a report",
                        description="Compares the analytic estimate with every recorded run and (with --matrix) with "
                                    "exact simulations over a grid of setups; writes validation.md, CSV and a plot.")
-    p.add_argument("--runs", default=None, help="run records folder (default: the catalog's runs/)")
-    p.add_argument("--out", default="reports", help="report folder (default reports/)")
+    p.add_argument("--runs", default=None, help="run records folder (default: the catalog's runs/, the project's "
+                                                "recorded runs)")
+    p.add_argument("--out", default=None, help="report folder (default: a new memplan-validation-<time>/ here)")
+    p.add_argument("--force", action="store_true", help="replace the report files --out already holds")
     p.add_argument("--matrix", action="store_true", help="also simulate the grid of setups (minutes)")
     p.add_argument("--models", default=None, help="comma-separated catalog models for the matrix (default: 16)")
     p.add_argument("--jobs", type=int, default=1, help="parallel simulations for the matrix (default 1)")
@@ -61,16 +67,22 @@ def add_parsers(sub) -> None:
 def run_simulate(args: argparse.Namespace) -> int:
     from memplan.catalog.gpus import load_gpu
     from memplan.catalog.models import load_model
-    from memplan.measure.simulate import simulate
+    from memplan.errors import InvalidSetupError
     from memplan.plan.estimate import estimate_for
     from memplan.plan.setup import resolve_setup
 
+    # everything checkable without torch first: a bad value gets its own message in any install
+    if args.steps < 1:
+        raise InvalidSetupError(f"invalid --steps {args.steps}; must be >= 1")
     setup, _ = setup_from_args(args)
     spec = load_model(setup.model, profiles_dir=args.profiles)
     gpu = load_gpu(args.gpu, profiles_dir=args.profiles) if args.gpu else None
     resolved = resolve_setup(setup, spec, gpu)
-    result = simulate(resolved, steps=args.steps, device_semantics=args.device_semantics, gpu=gpu,
-                      profiles_dir=args.profiles)
+    from memplan.measure.simulate import simulate
+
+    with _progress(f"simulating {spec.name}: building the model on fake tensors and running {args.steps} step(s)"):
+        result = simulate(resolved, steps=args.steps, device_semantics=args.device_semantics, gpu=gpu,
+                          profiles_dir=args.profiles)
     analytic = estimate_for(spec, resolved, gpu, include_runtime=False) if args.compare else None
     if args.json:
         d = result.to_dict()
@@ -85,34 +97,91 @@ def run_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _progress(text: str):
+    """A spinner with ``text`` on stderr while the block runs, when stderr is a terminal (stdout stays clean)."""
+    from contextlib import nullcontext
+
+    if not sys.stderr.isatty():
+        return nullcontext()
+    from rich.console import Console
+
+    return Console(stderr=True).status(text)
+
+
 def run_profile(args: argparse.Namespace) -> int:
-    from memplan.catalog.paths import profiles_dir
-    from memplan.measure.profile import RunInterrupted, profile_run
-    from memplan.measure.sweep import profile_sweep
+    import signal
+    import threading
+
+    from memplan.catalog.gpus import load_gpu
+    from memplan.catalog.models import load_model
+    from memplan.fileio import prepare_output_dir
+    from memplan.plan.setup import resolve_setup
 
     setup, _ = setup_from_args(args)
-    out = args.out or str(profiles_dir(args.profiles) / "runs")
+    # everything checkable without torch first, and the output folder before any run
+    resolve_setup(setup, load_model(setup.model, profiles_dir=args.profiles))
+    budget = None
+    if args.tensor_budget:
+        budget = load_gpu(args.tensor_budget).total_bytes  # "2GiB", "1500MB" ... parsed like a card budget
+    out = str(prepare_output_dir(args.out))
+    from memplan.measure.profile import RunControl, RunInterrupted, check_profile_args, profile_run
+    from memplan.measure.runs import save_run
+    from memplan.measure.sweep import profile_sweep
+
     device = args.device
     if device is None:
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    budget = None
-    if args.tensor_budget:
-        from memplan.catalog.gpus import load_gpu
-
-        budget = load_gpu(args.tensor_budget).total_bytes  # "2GiB", "1500MB" ... parsed like a card budget
+    check_profile_args(device, args.steps, args.memory_fraction, budget)
     kw = dict(device=device, steps=args.steps, gpu_memory_fraction=args.memory_fraction,
               tensor_budget_bytes=budget, profiles_dir=args.profiles)
+    control = RunControl(say=lambda text: sys.stderr.write(f"memplan profile: {text}\n"))
+    result: dict = {}
+    finished = threading.Event()  # not Thread.join: a join interrupted by Ctrl-C can mark a live thread stopped
+
+    def work() -> None:
+        try:
+            if args.sweep:
+                result["records"] = profile_sweep(setup, max_batch_size=args.max_batch, out_dir=out,
+                                                  progress=not args.json, control=control, **kw)
+            else:
+                result["records"] = [profile_run(setup, out_dir=out, control=control, **kw)]  # saved as it ends
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+            result["error"] = exc
+        finally:
+            finished.set()
+
+    # The run goes on a worker thread so that Ctrl-C (always delivered to the main thread) takes effect at
+    # once even while one long kernel runs: the run is asked to stop at its next phase; if it does not within
+    # 2 s, what it measured is saved here and the process ends.
+    worker = threading.Thread(target=work, name="memplan-profile", daemon=True)
+    worker.start()
     try:
-        if args.sweep:
-            records = profile_sweep(setup, max_batch_size=args.max_batch, out_dir=out, progress=not args.json, **kw)
-        else:
-            records = [profile_run(setup, out_dir=out, **kw)]  # saved atomically as soon as it ends
-    except RunInterrupted as exc:
-        sys.stderr.write(f"memplan profile: interrupted; finished records are in {out}"
-                         f" (the interrupted run: {getattr(exc.record, 'path', '') or 'not saved'})\n")
+        while not finished.wait(0.2):
+            pass
+    except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not lose the record being saved
+        control.stop.set()
+        finished.wait(2.0 if control.record is not None else 65.0)  # an isolated child saves its own record
+        if not finished.is_set():
+            record = control.salvage()
+            path = save_run(record, out).as_posix() if record is not None else "not saved"
+            sys.stderr.write(f"memplan profile: interrupted; finished records are in {out} (the interrupted run: "
+                             f"{path})\n")
+            sys.stderr.flush()
+            os._exit(130)  # the worker is inside a kernel: nothing to wait for
+        if "error" not in result:
+            result["error"] = KeyboardInterrupt()
+    error = result.get("error")
+    if isinstance(error, RunInterrupted) or isinstance(error, KeyboardInterrupt):
+        path = getattr(getattr(error, "record", None), "path", "") or "not saved"
+        sys.stderr.write(f"memplan profile: interrupted; finished records are in {out} (the interrupted run: "
+                         f"{path})\n")
         return 130
+    if error is not None:
+        raise error
+    records = result["records"]
     if args.json:
         print_json([r.to_dict() for r in records])
         return 0
@@ -124,12 +193,25 @@ def run_profile(args: argparse.Namespace) -> int:
 
 def run_validate(args: argparse.Namespace) -> int:
     from memplan.catalog.paths import profiles_dir
+    from memplan.errors import InvalidSetupError
+    from memplan.fileio import fresh_dir_name, prepare_output_dir
     from memplan.measure.validate import MATRIX_MODELS, matrix_setups, rescore_matrix, run_matrix, validate_runs
-    from memplan.reports.validation import write_report
+    from memplan.reports.validation import VALIDATION_FILES, write_report
 
     out = console()
+    if args.jobs < 1:
+        raise InvalidSetupError(f"invalid --jobs {args.jobs}; must be >= 1")
+    if args.runs is not None and not Path(args.runs).is_dir():
+        raise InvalidSetupError(f"--runs {args.runs}: no such folder of run records")
+    # the folder is checked before the work: a long matrix must not end unable to write its report
+    report_dir = prepare_output_dir(args.out or fresh_dir_name("memplan-validation"), produces=VALIDATION_FILES,
+                                    force=args.force)
     runs_dir = args.runs or str(profiles_dir() / "runs")
-    runs = validate_runs(runs_dir, simulate_runs=not args.no_simulate_runs)
+    with warnings.catch_warnings(record=True) as caught:  # skipped records: one line each, not a Python warning
+        warnings.simplefilter("always")
+        runs = validate_runs(runs_dir, simulate_runs=not args.no_simulate_runs)
+    for w in caught:
+        sys.stderr.write(f"memplan validate: warning: {w.message}\n")
     matrix = None
     if args.rescore:
         matrix = rescore_matrix(args.rescore)
@@ -147,11 +229,12 @@ def run_validate(args: argparse.Namespace) -> int:
                       highlight=False)
 
         matrix = run_matrix(setups, jobs=args.jobs, on_row=progress)
-    command = "memplan validate" + (" --matrix" if args.matrix else "") + (f" --jobs {args.jobs}" if args.jobs > 1 else "")
+    command = "memplan validate" + (" --matrix" if args.matrix else "")
+    command += f" --jobs {args.jobs}" if args.jobs > 1 else ""
     if args.rescore:
         # write_report wraps the command in backticks: "Generated by `...` on the simulations of `...`."
         command = f"memplan validate --rescore {args.rescore}` on the simulations of `memplan validate --matrix"
-    paths = write_report(args.out, matrix=matrix, runs=runs, command=command)
+    paths = write_report(report_dir, matrix=matrix, runs=runs, command=command)
     for p in paths:
         out.print(f"wrote {p}")
     return 0

@@ -15,9 +15,14 @@ _MODEL_HELP = ("catalog name (memplan models), config.json path or local model f
 
 
 def add_parsers(sub) -> None:
-    p = sub.add_parser("estimate", help="peak memory breakdown of one exact setup")
+    p = sub.add_parser("estimate", help="peak memory breakdown of one exact setup",
+                       description="The breakdown of one setup. With --gpu, whether it fits that card: exit status "
+                                   "0 when it fits (or no card is named), 1 when it does not, 2 for bad input.")
     p.add_argument("model", nargs="?", help=_MODEL_HELP)
-    p.add_argument("--gpu", help="card for the CUDA context and dtype defaults (memplan gpus)")
+    p.add_argument("--gpu", help="card or budget to check it against (memplan gpus; 24GiB); also sets the CUDA "
+                                 "context and dtype defaults")
+    p.add_argument("--headroom", type=float, default=None,
+                   help="fraction of the card's memory kept free (default 0.05)")
     add_knobs(p)
     add_config_args(p)
     p.add_argument("--phases", action="store_true", help="also show the total of every phase")
@@ -49,25 +54,36 @@ def add_parsers(sub) -> None:
 
 
 def run_estimate(args: argparse.Namespace) -> int:
+    from memplan.catalog.gpus import as_gpu
+    from memplan.plan.budget import Budget, check_headroom
     from memplan.plan.estimate import estimate
 
     setup, _, report = setup_with_configs(args)
-    e = estimate(setup, profiles_dir=args.profiles)
+    headroom = check_headroom(args.headroom)
+    gpu = as_gpu(setup.gpu, profiles_dir=args.profiles)
+    e = estimate(setup, gpu=gpu, profiles_dir=args.profiles)
+    budget = Budget.for_gpu(gpu, headroom) if gpu is not None else None
+    status = 1 if budget is not None and not budget.fits(e.total_bytes) else 0
     if args.json:
-        print_json({**e.to_dict(), **({"config": report.to_dict()} if report else {})})
-        return 0
+        d = e.to_dict()
+        if budget is not None:
+            d["budget"] = {"gpu": gpu.id, "headroom": headroom, "budget_bytes": budget.limit_bytes,
+                           "usable_bytes": budget.usable_bytes, "fits": status == 0,
+                           "spare_bytes": -budget.shortfall(e.total_bytes), "derivation": budget.derivation}
+        print_json({**d, **({"config": report.to_dict()} if report else {})})
+        return status
     from memplan.reports.terminal import estimate_view
 
     out = console()
     if report:
         print_config(out, report)
-    out.print(estimate_view(e))
+    out.print(estimate_view(e, budget))
     if args.phases:
         from memplan.units import format_gib
 
         for phase, comps in e.phases.items():
             out.print(f"  {phase:<15} {format_gib(sum(comps.values()), 2)}")
-    return 0
+    return status
 
 
 def run_fit(args: argparse.Namespace) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import textwrap
 
 from memplan.reports.capacity import DEFAULT_GPUS, DEFAULT_MODELS, DEFAULT_SEQ_LENS, FITS, FORMATS, require
@@ -41,7 +42,7 @@ def add_parsers(subparsers) -> None:
     """Add ``memplan report`` and its ``capacity`` subcommand to the top-level subparsers."""
     report = subparsers.add_parser("report", help="planning reports over many models and cards (capacity)",
                                    description="Reports over many models and cards. Subcommand: capacity.")
-    report.set_defaults(func=lambda args: (report.print_help(), 2)[1])
+    report.set_defaults(func=lambda args: (report.print_help(sys.stderr), 2)[1])
     sub = report.add_subparsers(dest="report_command", parser_class=type(report))
     p = sub.add_parser(
         "capacity", help="the best fit plan for every model x card x sequence length: Markdown/HTML, CSV, PNGs",
@@ -71,7 +72,8 @@ def add_parsers(subparsers) -> None:
                    help="sequence lengths (default: 512,2048)")
     p.add_argument("--format", type=_formats_arg, default=["md"], metavar="md[,html]",
                    help="report documents to write: md, html or md,html (default md)")
-    p.add_argument("--out", default="reports", help="report folder (default reports/)")
+    p.add_argument("--out", default=None, help="report folder (default: a new memplan-capacity-<time>/ here)")
+    p.add_argument("--force", action="store_true", help="replace the report files --out already holds")
     p.add_argument("--headroom", type=float, default=None, help="fraction of each card kept free (default 0.05)")
     p.add_argument("--curve-model", default=None, help="model of the peak-vs-batch/sequence figure (default: ~8B)")
     p.add_argument("--runs", default=None, metavar="DIR",
@@ -102,17 +104,22 @@ def _run_capacity(args) -> int:
         load_gpu(name, profiles_dir=args.profiles)
     check_headroom(args.headroom)
     require("matplotlib")
+    from memplan.fileio import fresh_dir_name, prepare_output_dir
+    from memplan.reports.capacity_docs import capacity_files
+
+    out_dir = prepare_output_dir(args.out or fresh_dir_name("memplan-capacity"), force=args.force,
+                                 produces=capacity_files(seq_lens, args.format))
     t0 = time.perf_counter()
     rows = capacity_rows(models, gpus, seq_lens, profiles_dir=args.profiles, headroom=args.headroom)
     parts = ["memplan", "report", "capacity"]
     for flag, value in (("--models", args.models and ",".join(models)), ("--gpus", args.gpus and ",".join(gpus)),
                         ("--seq-len", args.seq_len and ",".join(map(str, seq_lens))),
                         ("--headroom", args.headroom), ("--curve-model", args.curve_model),
-                        ("--format", ",".join(args.format)), ("--out", args.out)):
+                        ("--format", ",".join(args.format)), ("--out", str(out_dir))):
         if value is not None:
             parts += [flag, str(value)]
     command = shlex.join(parts)
-    paths = write_capacity_report(rows, args.out, args.format, command=command, curve_model=args.curve_model,
+    paths = write_capacity_report(rows, out_dir, args.format, command=command, curve_model=args.curve_model,
                                   profiles_dir=args.profiles, runs_dir=args.runs)
     for path in paths:
         print(f"wrote {path}")

@@ -77,18 +77,24 @@ class MemplanCallback(TrainerCallback):
 
     # ------------------------------------------------------------------ trainer events
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        from .preflight import preflight
+        from .preflight import check
 
         if model is None:
             raise MemplanError("MemplanCallback: the Trainer passed no model to on_train_begin")
-        self.estimate = preflight(model, training_args=args, seq_len=self.seq_len, gpu=self.gpu,
-                                  budget_bytes=self.budget_bytes, headroom=self.headroom, strict=self.strict,
-                                  profiles_dir=self.profiles_dir, **self.setup_fields)
+        checked = check(model, training_args=args, seq_len=self.seq_len, gpu=self.gpu,
+                        budget_bytes=self.budget_bytes, headroom=self.headroom, strict=self.strict,
+                        profiles_dir=self.profiles_dir, **self.setup_fields)
+        self.estimate = checked.estimate
         if self.verbose:
-            budget = next((n.split("compared with ", 1)[1] for n in self.estimate.notes
-                           if n.startswith("compared with ")), "not checked")
-            self._say(f"estimated peak {format_gib(self.estimate.total_bytes, 2)} ({self.estimate.peak_phase}) "
-                      f"for {describe_setup(self.estimate.setup)}; compared with {budget}")
+            e, budget = self.estimate, checked.budget
+            if budget is None:
+                verdict = "not checked (no device and no gpu= or budget_bytes=)"
+            elif budget.fits(e.total_bytes):
+                verdict = f"fits the {budget.describe()}, {format_gib(-budget.shortfall(e.total_bytes), 2)} to spare"
+            else:
+                verdict = f"does NOT fit the {budget.describe()}: {format_gib(budget.shortfall(e.total_bytes), 2)} over"
+            self._say(f"estimated peak {format_gib(e.total_bytes, 2)} at {e.peak_phase.replace('_', ' ')} {verdict}; "
+                      f"plan: {describe_setup(e.setup)}")
         if self.record_dir is not None:
             self._run = _Recording(self, model, args)
             self._run.start()

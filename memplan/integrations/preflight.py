@@ -44,9 +44,10 @@ from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import fields, replace
+from dataclasses import dataclass, fields, replace
 
 from memplan.errors import InvalidSetupError, MemplanError, UnreadableModelError, WontFitError
+from memplan.plan.breakdown import COMPONENT_LABELS
 from memplan.plan.budget import Budget, check_headroom
 from memplan.plan.estimate import Estimate, estimate_for
 from memplan.plan.setup import DEFAULT_SEQ_LEN, TrainSetup, describe_setup, resolve_setup
@@ -55,7 +56,7 @@ from memplan.units import format_gib
 from .live_model import LiveModelInfo, is_live_model, read_live_model, simplify_targets
 from .training_configs import map_training_config, merge_layers
 
-__all__ = ["preflight", "NoDeviceError", "PreflightWarning", "setup_fields_from_training_args",
+__all__ = ["preflight", "check", "Checked", "NoDeviceError", "PreflightWarning", "setup_fields_from_training_args",
            "setup_fields_from_lora_config", "setup_fields_from_bnb_config"]
 
 _SETUP_FIELDS = tuple(f.name for f in fields(TrainSetup) if f.name not in ("model", "gpu"))
@@ -137,7 +138,8 @@ def _device_budget(device, live: LiveModelInfo | None, headroom: float, profiles
     try:
         import torch
     except ImportError as exc:
-        raise NoDeviceError("reading the free GPU memory needs torch; pass gpu= (a catalog card) or budget_bytes=") from exc
+        raise NoDeviceError("reading the free GPU memory needs torch; pass gpu= (a catalog card) or "
+                            "budget_bytes=") from exc
     from memplan.catalog.gpus import gpu_from_device
 
     if not torch.cuda.is_available():
@@ -155,10 +157,19 @@ def _device_budget(device, live: LiveModelInfo | None, headroom: float, profiles
     props = torch.cuda.get_device_properties(index)
     gpu = gpu_from_device(props.name, int(total), f"{props.major}.{props.minor}",
                           source=f"torch.cuda on this machine: {props.name}", profiles_dir=profiles_dir)
-    what = (f"cuda:{index} ({gpu.label}): {format_gib(free, 2)} free + {format_gib(reserved, 2)} held by this "
-            f"process + {format_gib(gpu.cuda_context_bytes, 2)} CUDA context - {headroom:.0%} headroom")
+    what = (f"{format_gib(free, 2)} free + {format_gib(reserved, 2)} held by this process + "
+            f"{format_gib(gpu.cuda_context_bytes, 2)} CUDA context - {headroom:.0%} headroom")
     held = int(headroom * gpu.total_bytes)  # of the card, as for a catalog card
-    return Budget(int(free) + int(reserved) + gpu.cuda_context_bytes, gpu.cuda_context_bytes, held, what), gpu
+    return Budget(int(free) + int(reserved) + gpu.cuda_context_bytes, gpu.cuda_context_bytes, held, what,
+                  f"cuda:{index} ({gpu.label})"), gpu
+
+
+@dataclass(frozen=True)
+class Checked:
+    """What ``check`` found: the estimate and the budget it was compared with (None: not checked)."""
+
+    estimate: Estimate
+    budget: Budget | None
 
 
 def preflight(model, *, training_args=None, lora_config=None, bnb_config=None, seq_len: int | None = None,
@@ -170,7 +181,16 @@ def preflight(model, *, training_args=None, lora_config=None, bnb_config=None, s
     when there is no device to read and neither ``gpu`` nor ``budget_bytes`` is given (a warning when not
     strict), ``InvalidSetupError`` / ``UnreadableModelError`` / ``UnknownModelError`` for bad input.
     """
-    from memplan.catalog.gpus import load_gpu
+    return check(model, training_args=training_args, lora_config=lora_config, bnb_config=bnb_config,
+                 seq_len=seq_len, batch_size=batch_size, device=device, gpu=gpu, budget_bytes=budget_bytes,
+                 headroom=headroom, strict=strict, profiles_dir=profiles_dir, **setup_fields).estimate
+
+
+def check(model, *, training_args=None, lora_config=None, bnb_config=None, seq_len: int | None = None,
+          batch_size: int | None = None, device=None, gpu=None, budget_bytes: int | None = None,
+          headroom: float | None = None, strict: bool = True, profiles_dir=None, **setup_fields) -> Checked:
+    """``preflight``, returning the budget beside the estimate (the Trainer callback says both)."""
+    from memplan.catalog.gpus import as_gpu
 
     unknown = sorted(set(setup_fields) - set(_SETUP_FIELDS))
     if unknown:
@@ -207,8 +227,8 @@ def preflight(model, *, training_args=None, lora_config=None, bnb_config=None, s
         for key, ours in (("lora_config", from_lora), ("bnb_config", from_bnb)):
             clash = {k: v for k, v in ours.items() if k in live_fields and live_fields[k] != v and k != "method"}
             if clash:
-                notes.append(f"{key} differs from the live model ({', '.join(f'{k}={v!r}' for k, v in clash.items())}); "
-                             f"the live model's values are used")
+                shown = ", ".join(f"{k}={v!r}" for k, v in clash.items())
+                notes.append(f"{key} differs from the live model ({shown}); the live model's values are used")
     if fields_.get("seq_len") is None:
         notes.append(f"no seq_len given: planned for {DEFAULT_SEQ_LEN} tokens per sequence; pass seq_len= "
                      f"(the longest batch your collator makes)")
@@ -219,23 +239,21 @@ def preflight(model, *, training_args=None, lora_config=None, bnb_config=None, s
     if budget_bytes is not None:
         if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, int) or budget_bytes <= 0:
             raise InvalidSetupError(f"budget_bytes must be a positive integer, got {budget_bytes!r}")
-        gpu_spec = load_gpu(gpu, profiles_dir=profiles_dir) if isinstance(gpu, str) else gpu
-        budget = Budget.of_limit(budget_bytes, derivation=f"budget_bytes={budget_bytes:,} "
-                                                          f"({format_gib(budget_bytes, 2)})")
+        gpu_spec = as_gpu(gpu, profiles_dir=profiles_dir)
+        budget = Budget.of_limit(budget_bytes)
     elif gpu is not None:
-        gpu_spec = load_gpu(gpu, profiles_dir=profiles_dir) if isinstance(gpu, str) else gpu
-        budget = replace(Budget.for_gpu(gpu_spec, headroom), derivation=(
-            f"{gpu_spec.label} ({format_gib(gpu_spec.total_bytes, 2)}) - {headroom:.0%} headroom"))
+        gpu_spec = as_gpu(gpu, profiles_dir=profiles_dir)
+        budget = Budget.for_gpu(gpu_spec, headroom)
     else:
         try:
             budget, gpu_spec = _device_budget(device, live, headroom, profiles_dir)
         except NoDeviceError as exc:
             if strict:
                 raise
-            warnings.warn(f"memplan preflight: {exc}; the run was not checked", PreflightWarning, stacklevel=2)
+            warnings.warn(f"memplan preflight: {exc}; the run was not checked", PreflightWarning, stacklevel=3)
             resolved = resolve_setup(setup, spec)
             est = estimate_for(spec, resolved)
-            return replace(est, notes=est.notes + tuple(notes) + (f"not checked: {exc}",))
+            return Checked(replace(est, notes=est.notes + tuple(notes) + (f"not checked: {exc}",)), None)
 
     resolved = resolve_setup(setup, spec, gpu_spec)
     est = estimate_for(spec, resolved, gpu_spec)
@@ -244,10 +262,10 @@ def preflight(model, *, training_args=None, lora_config=None, bnb_config=None, s
         if live.params_total != expected_total or live.params_trainable != est.params.trainable:
             notes.append(f"the live model has {live.params_total:,} parameters ({live.params_trainable:,} trainable); "
                          f"the estimate counts {expected_total:,} ({est.params.trainable:,}) from its config")
-    notes.append(f"compared with {budget.derivation}: {format_gib(budget.limit_bytes, 2)}")
+    notes.append(f"compared with the {budget.describe()}")
     est = replace(est, notes=est.notes + tuple(notes))
     if budget.fits(est.total_bytes):
-        return est
+        return Checked(est, budget)
 
     from memplan.plan.changes import smallest_changes
 
@@ -257,17 +275,16 @@ def preflight(model, *, training_args=None, lora_config=None, bnb_config=None, s
         message += "\n" + _fit_fallback(spec, resolved, gpu_spec, budget)
     if strict:
         raise WontFitError(message, estimate=est, budget_bytes=budget.limit_bytes, changes=changes)
-    warnings.warn(message, PreflightWarning, stacklevel=2)
-    return est
+    warnings.warn(message, PreflightWarning, stacklevel=3)
+    return Checked(est, budget)
 
 
 def _wont_fit_message(est: Estimate, budget: Budget, changes) -> str:
     over = budget.shortfall(est.total_bytes)
     lines = [f"{est.setup.model} will not fit: an estimated {format_gib(est.total_bytes, 2)} at its peak "
-             f"({est.peak_phase}), {format_gib(budget.limit_bytes, 2)} available ({budget.derivation}): "
-             f"{format_gib(over, 2)} short.",
+             f"({est.peak_phase}) against the {budget.describe()}: {format_gib(over, 2)} over.",
              f"Plan: {describe_setup(est.setup)}.",
-             "Where it goes: " + ", ".join(f"{k} {format_gib(v, 2)}" for k, v in
+             "Where it goes: " + ", ".join(f"{COMPONENT_LABELS[k]} {format_gib(v, 2)}" for k, v in
                                             sorted(est.components.items(), key=lambda kv: -kv[1]) if v > 0)]
     if changes:
         lines.append("Smallest changes that fit (each on its own):")

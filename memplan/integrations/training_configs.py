@@ -92,6 +92,8 @@ def _read(p: Path) -> tuple[dict, bool]:
             raise ConfigError(f"{p}: reading YAML needs pyyaml: pip install 'memplan[yaml]'") from None
         try:
             data = yaml.safe_load(text)
+        except RecursionError:
+            raise ConfigError(f"{p}: YAML nested too deeply to be a training config") from None
         except yaml.YAMLError as exc:
             if p.suffix.lower() not in (".yml", ".yaml"):  # neither JSON nor YAML: say what is read
                 raise ConfigError(f"{p}: not a training config memplan recognises; it reads {FORMAT_NAMES}") from None
@@ -102,6 +104,8 @@ def _read(p: Path) -> tuple[dict, bool]:
     else:
         try:
             data = json.loads(text)
+        except RecursionError:
+            raise ConfigError(f"{p}: JSON nested too deeply to be a training config") from None
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{p}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
     if not isinstance(data, dict):
@@ -199,7 +203,8 @@ def map_training_config(raw: Mapping[str, Any], fmt: str, *, source: str, hand_w
             if {prev.rsplit(".", 1)[-1].lstrip("_"), key.rsplit(".", 1)[-1].lstrip("_")} in EXCLUSIVE:
                 raise InvalidSetupError(f"{p}: contradictory settings {prev}: {show_value(flat[prev])} and "
                                         f"{key}: {show_value(value)}; keep one")
-            warnings.append(f"{prev}={show_value(flat[prev])} and {key}={show_value(value)} both set {field}; using {key}")
+            warnings.append(f"{prev}={show_value(flat[prev])} and {key}={show_value(value)} both set {field}; "
+                            f"using {key}")
         if prev is not None:
             used = [u for u in used if u[0] != prev]
         fields[field], origin[field] = out, key
@@ -314,8 +319,8 @@ def merge_configs(configs: Iterable[TrainingConfig], flags: Mapping[str, Any], m
             if field in values and values[field] != value:
                 prev = source[field]
                 k1, k2 = _key_for(prev, field), _key_for(cfg, field)
-                conflicts.append(f"{k1} {show_value(values[field])} from {prev.path} overridden by {show_value(value)} from "
-                                 f"{cfg.path}" + (f" ({k2})" if k2 != k1 else ""))
+                conflicts.append(f"{k1} {show_value(values[field])} from {prev.path} overridden by "
+                                 f"{show_value(value)} from {cfg.path}" + (f" ({k2})" if k2 != k1 else ""))
             values[field], source[field] = value, cfg
     given = {f: v for f, v in flags.items() if v is not None}
     for field, value in given.items():

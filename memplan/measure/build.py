@@ -123,6 +123,7 @@ def _build(spec, setup, *, device: str, fake: bool, attn_implementation: str | N
             _retie(model)
             if setup.bits in (4, 8):
                 materialize_quantized(model, stash, setup, info, fake=False, device=device)
+    _name_the_loss(model, spec)
     model.train()
     if setup.bits == 8 and (fake or torch.device(device).type == "cpu"):
         info.notes.append(
@@ -130,6 +131,17 @@ def _build(spec, setup, *, device: str, fake: bool, attn_implementation: str | N
             "CUDA uses MatMul8bitLt (int8 matmul, saves the input and an int8 copy), so CPU int8 memory is not a "
             "GPU's")
     return model, info
+
+
+def _name_the_loss(model, spec) -> None:
+    """transformers derives ``loss_type`` from the class name and, for classes it cannot map (OPTForCausalLM
+    ...), logs "`loss_type=None` was set in the config but it is unrecognized" at the first forward before
+    using the default: name that default, so that the run prints nothing (modeling_utils.py loss_function)."""
+    from transformers.loss.loss_utils import LOSS_MAPPING
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(base, "loss_type", None) not in LOSS_MAPPING:
+        base.loss_type = "ForCausalLM" if spec.is_causal_lm else "ForMaskedLM"
 
 
 def hf_config(spec):

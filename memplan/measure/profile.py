@@ -21,22 +21,55 @@ from __future__ import annotations
 
 import gc
 import os
+import threading
 import time
 import warnings
+from collections.abc import Callable
 from contextlib import nullcontext
 
 from memplan.errors import MemplanError
 
-from .environment import collect_environment
-from .nvml import NvmlReader, NvmlSampler, measure_cuda_context, paged_count
-from .recorder import StepRecorder, is_oom_error, keep_warnings, record_failure
 from .runs import RunRecord, save_run
 
-__all__ = ["ProfileError", "RunInterrupted", "profile_run", "check_profile_args", "resolve_for_device"]
+__all__ = ["ProfileError", "RunInterrupted", "RunControl", "profile_run", "check_profile_args",
+           "resolve_for_device", "cpu_has_native_bf16"]
 
 
 class ProfileError(MemplanError):
     """A profile that cannot start: no CUDA device, a bad argument."""
+
+
+class RunControl:
+    """A caller's handle on a long run: ``say(text)`` gets progress lines; setting ``stop`` asks the run to end
+    at its next phase boundary (a ``KeyboardInterrupt`` there); the run publishes its ``record`` and
+    ``recorder`` here, so that a caller whose run is stuck inside one long kernel can still save what was
+    measured (``salvage``) instead of waiting for it."""
+
+    def __init__(self, say: Callable[[str], None] | None = None):
+        self.say = say or (lambda text: None)
+        self.stop = threading.Event()
+        self.record: RunRecord | None = None
+        self.recorder = None
+        self.phase: tuple[str, int | None] | None = None  # the phase in progress
+
+    def entering(self, name: str, step: int | None) -> None:
+        if self.stop.is_set():
+            raise KeyboardInterrupt
+        self.phase = (name, step)
+
+    def salvage(self) -> RunRecord | None:
+        """The run as measured so far, outcome ``interrupted`` (None before it began)."""
+        record, recorder = self.record, self.recorder
+        if record is None:
+            return None
+        record.outcome, record.error, record.error_type = "interrupted", "interrupted", "KeyboardInterrupt"
+        if self.phase is not None:
+            record.error_phase, record.error_step = self.phase
+        record.notes.append("interrupted inside a phase that did not return within 2 s of Ctrl-C: the figures "
+                            "are those of the phases that completed")
+        if recorder is not None:
+            recorder.summarize(record)
+        return record
 
 
 class RunInterrupted(KeyboardInterrupt):
@@ -48,8 +81,23 @@ class RunInterrupted(KeyboardInterrupt):
         self.record = record
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX-BF16, Linux ``/proc/cpuinfo`` flags). Without
+    them torch emulates bf16 matmuls, about 45x slower than fp32 on an AVX2 CPU."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
 def resolve_for_device(setup, device: str, profiles_dir=None):
-    """(spec, resolved setup) for a run on ``device``: on CUDA the local card decides the dtype defaults."""
+    """(spec, resolved setup, notes) for a run on ``device``: on CUDA the local card decides the dtype defaults;
+    on a CPU the default is fp32 unless it multiplies bf16 natively."""
     from memplan.catalog.gpus import detect_local_gpu
     from memplan.catalog.models import load_model
     from memplan.plan.setup import resolve_setup
@@ -62,10 +110,18 @@ def resolve_for_device(setup, device: str, profiles_dir=None):
             import torch  # no NVML: ask torch whether the card does bf16
 
             setup = setup.with_(dtype="bf16" if torch.cuda.is_bf16_supported() else "fp16")
+    notes: list[str] = []
+    if device == "cpu" and setup.dtype is None:
+        if cpu_has_native_bf16():
+            notes.append("dtype bf16: this CPU multiplies bf16 natively (avx512_bf16 / amx_bf16)")
+        else:
+            setup = setup.with_(dtype="fp32")
+            notes.append("dtype fp32: this CPU has no native bf16 matmul (no avx512_bf16 / amx_bf16 flag), where "
+                         "bf16 runs ~45x slower; --dtype bf16 to force it")
     resolved = resolve_setup(setup, spec, gpu)
     if device == "cpu":
         resolved = resolved.with_(gpu=None)
-    return spec, resolved
+    return spec, resolved, notes
 
 
 def check_profile_args(device: str, steps: int, gpu_memory_fraction, tensor_budget_bytes) -> None:
@@ -94,7 +150,7 @@ def check_profile_args(device: str, steps: int, gpu_memory_fraction, tensor_budg
 
 def profile_run(setup, *, device: str = "cpu", steps: int = 3, gpu_memory_fraction: float | None = None,
                 tensor_budget_bytes: int | None = None, profiles_dir=None, seed: int = 0,
-                out_dir: str | os.PathLike | None = None) -> RunRecord:
+                out_dir: str | os.PathLike | None = None, control: RunControl | None = None) -> RunRecord:
     """Run ``steps`` real training steps of ``setup`` on ``device`` and return the record.
 
     ``setup`` is a ``TrainSetup`` (resolved here: bad values raise ``InvalidSetupError`` before anything runs).
@@ -102,24 +158,35 @@ def profile_run(setup, *, device: str = "cpu", steps: int = 3, gpu_memory_fracti
     emulate a smaller card. ``tensor_budget_bytes`` emulates a card on any device: a phase whose tracked tensor
     peak exceeds it ends the run as an out-of-memory result (checked at the end of each phase).
     With ``out_dir`` the record is also saved there (atomically), whatever the outcome, interrupted included.
+    ``control`` (a ``RunControl``) gets progress lines and can stop the run between phases.
 
     Raises ``ProfileError`` for arguments that cannot run (device cuda without CUDA), ``RunInterrupted`` (a
     KeyboardInterrupt carrying the partial record) on Ctrl-C. Out of memory and other failures are returned as
     records with outcome ``"oom"`` / ``"error"``.
     """
     check_profile_args(device, steps, gpu_memory_fraction, tensor_budget_bytes)
-    spec, resolved = resolve_for_device(setup, device, profiles_dir)
+    spec, resolved, dtype_notes = resolve_for_device(setup, device, profiles_dir)
     t_start = time.perf_counter()
+    control = control or RunControl()
 
     import torch
 
+    from memplan.units import format_gib
+
     from .build import build_training_model
+    from .environment import collect_environment
+    from .nvml import NvmlReader, NvmlSampler, measure_cuda_context, paged_count
     from .optimizer import make_optimizer
+    from .recorder import StepRecorder, is_oom_error, keep_warnings, record_failure
     from .step import run_steps
 
     record = RunRecord(outcome="ok", setup=resolved.to_dict(), device=device, steps=steps)
     record.model = {"name": spec.name, "model_type": spec.model_type, "hf_id": spec.hf_id}
     notes = record.notes
+    notes += dtype_notes
+    control.record = record
+    for n in dtype_notes:
+        control.say(n)
     nvml = sampler = None
     context: dict = {}
     rec = model = opt = trainable = None
@@ -144,7 +211,10 @@ def profile_run(setup, *, device: str = "cpu", steps: int = 3, gpu_memory_fracti
 
         rec = StepRecorder(device=device, vocab_size=spec.vocab_size, round_to=512 if device == "cuda" else 1,
                            nvml=nvml, sampler=sampler, paged_start=paged_count(),
-                           tensor_budget_bytes=tensor_budget_bytes)
+                           tensor_budget_bytes=tensor_budget_bytes, on_phase=control.entering)
+        control.recorder = rec
+        control.say(f"building {spec.name} on {device} ({resolved.bits}-bit, {resolved.dtype}, batch "
+                    f"{resolved.batch_size} x {resolved.seq_len} tokens)")
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
@@ -160,8 +230,14 @@ def profile_run(setup, *, device: str = "cpu", steps: int = 3, gpu_memory_fracti
                 autocast = _autocast_factory(resolved, device)
                 torch.manual_seed(seed + 2)  # the batches' token ids (values do not change memory)
 
+                control.say(f"built in {time.perf_counter() - t_start:.1f} s; running {steps} step(s)")
+
                 def completed(step: int) -> None:
                     record.steps_completed = step
+                    done = [p for p in rec.phases if p["step"] == step]
+                    peak = max((p["tensor_peak_bytes"] or 0 for p in done), default=0)
+                    control.say(f"step {step}/{steps} done in {sum(p['seconds'] for p in done):.1f} s "
+                                f"(tensor peak {format_gib(peak, 2)})")
 
                 with rec:
                     run_steps(model, opt, rec, spec, resolved, steps=steps,

@@ -2,11 +2,11 @@
 quantized for real (random values), or as fake stand-ins of the exact storage bitsandbytes creates.
 
 bitsandbytes' ``Params4bit`` / ``Int8Params`` cannot hold fake tensors ("Creating a new Tensor subclass
-Params4bit but the raw Tensor object is already associated to a python object of type FakeTensor"), quantizing
-a fake tensor fails (``DataDependentOutputException`` from ``.tolist()`` in ``create_dynamic_map``), and a
-``Linear4bit`` built on meta cannot be moved ("Cannot copy out of meta tensor"): docs/memory-model.md, "How
-simulate builds a model". Fake builds therefore give each quantized layer a stand-in: a plain uint8 (4-bit) / int8 (8-bit)
-Parameter plus the quantization state bitsandbytes would create, with the exact shapes and dtypes of
+Params4bit but the raw Tensor object is already associated to a python object of type FakeTensor"),
+quantizing a fake tensor fails (``DataDependentOutputException`` from ``.tolist()`` in ``create_dynamic_map``),
+and a ``Linear4bit`` built on meta cannot be moved ("Cannot copy out of meta tensor"): docs/memory-model.md, "How
+simulate builds a model". Fake builds therefore give each quantized layer a stand-in: a plain uint8 (4-bit) /
+int8 (8-bit) Parameter plus the quantization state bitsandbytes would create, with the exact shapes and dtypes of
 ``bnb.functional.quantize_4bit`` / ``Int8Params._quantize`` (bitsandbytes 0.50). bnb's registered fake kernels
 (``gemm_4bit``, ``dequantize_4bit``, ``int8_*``) then produce the real sizes: byte-identical to a real CPU QLoRA
 run (tests/measure/test_simulate.py).
@@ -146,7 +146,8 @@ def _fake_quant_state_4bit(out_f: int, in_f: int, quant_type: str, double_quant:
     shape = torch.Size([out_f, in_f])
     if double_quant:
         state2 = QuantState(absmax=torch.empty(math.ceil(blocks / DQ_BLOCK), dtype=torch.float32),
-                            code=torch.empty(DQ_CODE_VALUES, dtype=torch.float32), blocksize=DQ_BLOCK, dtype=torch.float32)
+                            code=torch.empty(DQ_CODE_VALUES, dtype=torch.float32), blocksize=DQ_BLOCK,
+                            dtype=torch.float32)
         return QuantState(absmax=torch.empty(blocks, dtype=torch.uint8), shape=shape, code=code,
                           blocksize=NF4_BLOCK, quant_type=quant_type, dtype=compute,
                           offset=torch.empty((), dtype=torch.float32), state2=state2)

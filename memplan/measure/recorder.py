@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import time
 import traceback
+from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 from memplan.plan.breakdown import ParamCounts
+from memplan.units import format_bytes
 
 from .nvml import NvmlReader, NvmlSampler, paged_bytes
 from .quantize import quant_state_tensors
@@ -142,16 +144,19 @@ class StepRecorder:
         nvml / sampler: NVML readings of a CUDA run (``memplan.measure.nvml``).
         paged_start: ``paged_count()`` before the run: later entries are this run's paged memory.
         tensor_budget_bytes: an emulated card (see the module docstring).
+        on_phase: called with (name, step) as each phase begins (``memplan.measure.profile.RunControl``).
     """
 
     def __init__(self, *, device: str = "cpu", vocab_size: int | None = None, round_to: int = 1,
                  track_tensors: bool = True, nvml: NvmlReader | None = None, sampler: NvmlSampler | None = None,
-                 paged_start: int = 0, tensor_budget_bytes: int | None = None):
+                 paged_start: int = 0, tensor_budget_bytes: int | None = None,
+                 on_phase: Callable[[str, int | None], None] | None = None):
         self.device = device
         self.tracker = MemoryTracker(round_to=round_to, vocab_size=vocab_size) if track_tensors else None
         self.nvml, self.sampler = nvml, sampler
         self.paged_start = paged_start
         self.budget = tensor_budget_bytes
+        self.on_phase = on_phase  # called as each phase begins (progress; it may raise to stop the run)
         self.phases: list[dict] = []
         self.failed_at: tuple[str, int | None] | None = None
         self.notes: list[str] = []
@@ -245,6 +250,12 @@ class StepRecorder:
     # -- one phase ---------------------------------------------------------------------------------------
     @contextmanager
     def phase(self, name: str, step: int | None):
+        if self.on_phase is not None:
+            try:
+                self.on_phase(name, step)
+            except BaseException:  # asked to stop before this phase: the record says where
+                self.failed_at = (name, step)
+                raise
         entry: dict = {"name": name, "step": step, "completed": False, "seconds": None,
                        "tensor_peak_bytes": None, "tensor_end_bytes": None,
                        "max_allocated_bytes": None, "max_reserved_bytes": None, "max_active_bytes": None,
@@ -287,8 +298,8 @@ class StepRecorder:
 
             self.failed_at = (entry["name"], entry["step"])
             raise torch.OutOfMemoryError(
-                f"emulated out of memory: the tensor peak of {entry['name']} ({peak} bytes) exceeds the budget of "
-                f"{self.budget} bytes (tensor_budget_bytes)")
+                f"emulated out of memory: the tensor peak of {entry['name']} ({format_bytes(peak)}) exceeds the "
+                f"budget of {format_bytes(self.budget)} (tensor_budget_bytes)")
 
     # -- the record --------------------------------------------------------------------------------------
     def summarize(self, record: RunRecord, context: dict | None = None) -> None:

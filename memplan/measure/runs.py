@@ -2,7 +2,8 @@
 
 A record holds the full resolved ``TrainSetup``, the model's parameter counts, the software and hardware
 environment, and per-phase memory peaks (``load``, then ``forward`` / ``backward`` / ``optimizer_step`` for
-every step). Records are the "measured" level of the design (README, "How memplan is built"): ``memplan validate`` compares them with the analytic estimate and the simulation, so they must stay
+every step). Records are the "measured" level of the design (README, "How memplan is built"): ``memplan
+validate`` compares them with the analytic estimate and the simulation, so they must stay
 readable as the schema grows. Hence:
 
 - ``schema_version`` on every record; ``from_dict`` refuses versions it does not know (naming the file), and

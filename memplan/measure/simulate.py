@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 import torch
 
 from memplan.errors import InvalidSetupError
+from memplan.units import format_bytes
 from memplan.plan.breakdown import COMPONENTS, PHASES, ParamCounts
 from memplan.plan.optimizers import resolve_optimizer
 from memplan.plan.runtime import CUDA_BLOCK_BYTES
@@ -100,12 +101,12 @@ class SimResult:
 def simulate(setup: TrainSetup, *, steps: int = 2, device_semantics: str = "cuda", gpu=None,
              profiles_dir=None) -> SimResult:
     """Resolve the setup's model (catalog name or local config) and card, then simulate ``steps`` steps."""
-    from memplan.catalog.gpus import load_gpu
+    from memplan.catalog.gpus import as_gpu
     from memplan.catalog.models import load_model
 
     spec = load_model(setup.model, profiles_dir=profiles_dir)
     gpu_name = gpu if gpu is not None else setup.gpu
-    gpu_spec = load_gpu(gpu_name, profiles_dir=profiles_dir) if isinstance(gpu_name, str) else gpu_name
+    gpu_spec = as_gpu(gpu_name, profiles_dir=profiles_dir)
     return simulate_for(spec, resolve_setup(setup, spec, gpu_spec), gpu_spec, steps=steps,
                         device_semantics=device_semantics)
 
@@ -170,7 +171,7 @@ def simulate_for(spec, setup: TrainSetup, gpu=None, *, steps: int = 2, device_se
         notes += kernels.notes()
     paged = _paged_bytes(opt, setup, trk.round_to)
     if paged:
-        notes.append(f"{setup.optimizer}: {paged} bytes of optimizer state would live in CUDA managed memory "
+        notes.append(f"{setup.optimizer}: {format_bytes(paged)} of optimizer state would live in CUDA managed memory "
                      f"(bitsandbytes pages state of tensors with >= 1e5 values); counted in optimizer_state")
     notes.append(
         "tensor-level peak: the CUDA context, cuBLAS workspace and allocator fragmentation are not included"

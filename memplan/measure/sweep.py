@@ -20,8 +20,7 @@ from pathlib import Path
 from memplan.errors import MemplanError
 from memplan.fileio import write_atomic
 
-from .profile import ProfileError, RunInterrupted, check_profile_args, profile_run
-from .recorder import StepRecorder
+from .profile import ProfileError, RunControl, RunInterrupted, check_profile_args, profile_run
 from .runs import RunRecord, save_run
 
 __all__ = ["DEFAULT_MAX_BATCH", "default_batch_sizes", "profile_sweep", "isolated_main"]
@@ -45,7 +44,8 @@ def profile_sweep(setup, *, batch_sizes: Sequence[int] | None = None, max_batch_
                   out_dir: str | os.PathLike, device: str = "cpu", steps: int = 3,
                   gpu_memory_fraction: float | None = None, tensor_budget_bytes: int | None = None,
                   profiles_dir=None, seed: int = 0, on_record: Callable[[RunRecord], None] | None = None,
-                  progress: bool = True, isolate: bool | None = None) -> list[RunRecord]:
+                  progress: bool = True, isolate: bool | None = None,
+                  control: RunControl | None = None) -> list[RunRecord]:
     """One ``profile_run`` per batch size (default 1, 2, 4, ... ``max_batch_size``), each record saved to
     ``out_dir`` as soon as it finishes; stops after the first run that is not ``ok`` (an out-of-memory is the
     answer a sweep looks for; an error would repeat at every larger batch).
@@ -76,7 +76,7 @@ def profile_sweep(setup, *, batch_sizes: Sequence[int] | None = None, max_batch_
             bar.start(f"batch {b}")
             one = setup.with_(batch_size=b)
             try:
-                rec = _run_isolated(one, kwargs) if isolate else profile_run(one, **kwargs)
+                rec = _run_isolated(one, kwargs) if isolate else profile_run(one, control=control, **kwargs)
             except RunInterrupted as exc:
                 save_run(exc.record, out_dir)
                 records.append(exc.record)
@@ -160,6 +160,8 @@ def isolated_main() -> None:  # pragma: no cover - runs in the child process
 
 
 def _placeholder_record(setup, kwargs: dict, outcome: str, error: str, error_type: str) -> RunRecord:
+    from .recorder import StepRecorder
+
     rec = RunRecord(outcome=outcome, setup=setup.to_dict(), device=kwargs["device"], steps=kwargs["steps"],
                     error=error, error_type=error_type)
     StepRecorder(track_tensors=False).summarize(rec)

@@ -18,9 +18,11 @@ inside the functions that need them.
 from __future__ import annotations
 
 import csv
+import io
 import os
+import warnings
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from memplan.catalog.models import load_model
 from memplan.plan.breakdown import COMPONENTS
@@ -174,10 +176,23 @@ def rescore_matrix(csv_path: str | os.PathLike, *, profiles_dir=None) -> list[Ma
     """Re-estimate every setup of a matrix CSV (``validation_matrix.csv``), keeping its simulated numbers.
 
     The simulations do not depend on the analytic model, so after changing the model this re-scores the
-    whole grid in a second instead of re-simulating it for half an hour."""
+    whole grid in a second instead of re-simulating it for half an hour. A file that is not such a CSV raises
+    ``ConfigError`` naming it (and the line)."""
+    from memplan.errors import ConfigError, MemplanError
+    from memplan.fileio import read_text
+
+    text = read_text(csv_path, missing="no such matrix CSV (validation_matrix.csv from memplan validate --matrix)",
+                     what=" matrix CSV")
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    needed = [*MATRIX_SETUP_KEYS, "architecture", "simulated_bytes", "simulated_phase", "sim_seconds", "error",
+              *(f"simulated_{c}" for c in COMPONENTS)]
+    missing = [k for k in needed if k not in (reader.fieldnames or ())]
+    if missing:
+        raise ConfigError(f"{csv_path}: not a validation matrix CSV: it lacks the column(s) "
+                          f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
     rows: list[MatrixRow] = []
-    with open(csv_path, newline="", encoding="utf-8") as f:
-        for rec in csv.DictReader(f):
+    for line, rec in enumerate(reader, start=2):
+        try:
             knobs = {k: rec[k] for k in MATRIX_SETUP_KEYS}
             for k in ("bits", "rank", "batch_size", "seq_len"):
                 knobs[k] = int(knobs[k])
@@ -187,12 +202,14 @@ def rescore_matrix(csv_path: str | os.PathLike, *, profiles_dir=None) -> list[Ma
             setup = TrainSetup(**knobs)
             spec = load_model(setup.model, profiles_dir=profiles_dir)
             resolved = resolve_setup(setup, spec)
-            analytic = estimate_for(spec, resolved, include_runtime=False)
             simulated = {c: int(rec[f"simulated_{c}"]) for c in COMPONENTS}
-            rows.append(MatrixRow(resolved.to_dict(), rec["architecture"], analytic.total_bytes,
-                                  int(rec["simulated_bytes"]), dict(analytic.components), simulated,
-                                  analytic.peak_phase, rec["simulated_phase"], float(rec["sim_seconds"]),
-                                  rec["error"] or None))
+            simulated_bytes, seconds = int(rec["simulated_bytes"]), float(rec["sim_seconds"])
+        except (ValueError, TypeError, MemplanError) as exc:
+            raise ConfigError(f"{csv_path}: line {line}: {exc}") from None
+        analytic = estimate_for(spec, resolved, include_runtime=False)
+        rows.append(MatrixRow(resolved.to_dict(), rec["architecture"], analytic.total_bytes, simulated_bytes,
+                              dict(analytic.components), simulated, analytic.peak_phase, rec["simulated_phase"],
+                              seconds, rec["error"] or None))
     return rows
 
 
@@ -227,18 +244,23 @@ def run_matrix(setups: Iterable[TrainSetup], *, jobs: int = 1,
 def validate_runs(runs_dir: str | os.PathLike, *, simulate_runs: bool = True) -> list[RunRow]:
     """Estimate (and simulate) every recorded run with outcome ok; measured is the tensor peak on CPU and
     peak reserved + CUDA context on a GPU."""
-    from .runs import list_runs
+    from .runs import RunRecordWarning, list_runs
 
     rows: list[RunRow] = []
     for record in list_runs(runs_dir):
         if getattr(record, "outcome", None) != "ok":
             continue
-        setup = TrainSetup(**record.setup)
-        spec = _record_spec(record, setup)
-        if spec is None:
+        try:
+            setup, spec, resolved = _record_setup(record)
+        except _Unusable as exc:
+            warnings.warn(f"{getattr(record, 'path', '')}: skipped: {exc}", RunRecordWarning, stacklevel=2)
             continue
-        resolved = resolve_setup(setup, spec)
         peak = record.peak or {}
+        bad = [k for k in _PEAK_NUMBERS if peak.get(k) is not None and not _is_count(peak[k])]
+        if bad:
+            warnings.warn(f"{getattr(record, 'path', '')}: skipped: peak {bad[0]} is {peak[bad[0]]!r}, not a byte "
+                          f"count", RunRecordWarning, stacklevel=2)
+            continue
         notes: list[str] = []
         env = record.environment or {}
         if record.device == "cuda":
@@ -267,6 +289,36 @@ def validate_runs(runs_dir: str | os.PathLike, *, simulate_runs: bool = True) ->
     return rows
 
 
+class _Unusable(Exception):
+    """A run record whose setup cannot be planned (validate skips it with a warning)."""
+
+
+_PEAK_NUMBERS = ("tensor_peak_bytes", "max_reserved_bytes", "cuda_context_bytes")
+
+
+def _is_count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _record_setup(record):
+    """(setup, spec, resolved setup) of a run record, or ``_Unusable`` saying why not: an unknown or mistyped
+    setup key, a model it cannot find, a setup memplan refuses (rank 0 ...)."""
+    from memplan.errors import MemplanError
+
+    unknown = sorted(set(record.setup) - {f.name for f in fields(TrainSetup)})
+    if unknown:
+        raise _Unusable(f"its setup has key(s) this memplan does not know: {', '.join(map(str, unknown))}")
+    try:
+        setup = TrainSetup(**record.setup)
+    except TypeError as exc:  # a required key missing
+        raise _Unusable(f"its setup is incomplete ({exc})") from None
+    try:
+        spec = _record_spec(record, setup)
+        return setup, spec, resolve_setup(setup, spec)
+    except MemplanError as exc:
+        raise _Unusable(str(exc)) from None
+
+
 def _record_gpu(env: dict):
     """The GPUSpec of the card a CUDA run was recorded on (its environment block), or None."""
     from memplan.catalog.gpus import gpu_from_device
@@ -283,19 +335,10 @@ def _record_gpu(env: dict):
 
 def _record_spec(record, setup):
     """The model of a run record: its catalog name / config path, else the config.json values a
-    ``MemplanCallback`` record carries (``model_config``: a model built from a config has no name to load).
-    None (with a warning) when neither works: one unreadable record must not stop the report."""
-    import warnings
-
+    ``MemplanCallback`` record carries (``model_config``: a model built from a config has no name to load)."""
     from memplan.catalog.models import spec_from_config
-    from memplan.errors import MemplanError
 
     config = (getattr(record, "extra", None) or {}).get("model_config")
-    try:
-        if isinstance(config, dict):
-            return spec_from_config(config, name=setup.model)
-        return load_model(setup.model)
-    except MemplanError as exc:
-        warnings.warn(f"{getattr(record, 'path', '')}: skipped: {exc}", stacklevel=3)
-        return None
-
+    if isinstance(config, dict):
+        return spec_from_config(config, name=setup.model)
+    return load_model(setup.model)

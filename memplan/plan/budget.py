@@ -45,13 +45,15 @@ class Budget:
 
     ``total_bytes``: what the device offers (a card's total; for a live device, free + what this process
     holds + its context); ``context_bytes``: the CUDA context inside it, which the estimate also counts;
-    ``headroom_bytes``: kept free. ``derivation`` says where the numbers come from, for people.
+    ``headroom_bytes``: kept free. ``derivation`` says how the number comes about, for people ("24.00 GiB total
+    - 5% headroom"), ``source`` what offers it ("RTX 3090"); ``describe()`` is how every output names the budget.
     """
 
     total_bytes: int
     context_bytes: int
     headroom_bytes: int
-    derivation: str
+    derivation: str  # "24.00 GiB total - 5% headroom"
+    source: str = ""  # what offers the memory: "RTX 3090", "cuda:0 (RTX 3090)", "budget_bytes"
 
     @property
     def limit_bytes(self) -> int:
@@ -62,6 +64,12 @@ class Budget:
     def usable_bytes(self) -> int:
         """What torch's allocator may hold: total - CUDA context - headroom (negative for a tiny budget)."""
         return self.total_bytes - self.context_bytes - self.headroom_bytes
+
+    def describe(self, *, source: bool = True) -> str:
+        """``22.80 GiB budget (RTX 3090: 24.00 GiB total - 5% headroom)``: the one way memplan names a budget
+        (``source=False`` where the card is named already)."""
+        where = f"{self.source}: " if source and self.source else ""
+        return f"{format_gib(self.limit_bytes, 2)} budget ({where}{self.derivation})"
 
     def fits(self, total_bytes: int) -> bool:
         return total_bytes <= self.limit_bytes
@@ -75,13 +83,18 @@ class Budget:
         """A catalog card (or a ``24GiB`` budget card): its total minus ``headroom`` of it."""
         fraction = check_headroom(headroom)
         held = int(fraction * gpu.total_bytes)
-        return cls(gpu.total_bytes, gpu.cuda_context_bytes, held,
-                   f"{gpu.label}: {format_gib(gpu.total_bytes, 2)} total - {format_gib(gpu.cuda_context_bytes, 2)} "
-                   f"CUDA context - {fraction:.0%} headroom")
+        budget = cls(gpu.total_bytes, gpu.cuda_context_bytes, held,
+                     f"{format_gib(gpu.total_bytes, 2)} total - {fraction:.0%} headroom", gpu.label)
+        if budget.usable_bytes <= 0:
+            raise InvalidSetupError(
+                f"{gpu.label} ({format_gib(gpu.total_bytes, 2)}) leaves nothing for training once the "
+                f"{format_gib(gpu.cuda_context_bytes, 2)} CUDA context and {fraction:.0%} headroom are held back; "
+                f"give a larger card or budget")
+        return budget
 
     @classmethod
     def of_limit(cls, limit_bytes: int, *, context_bytes: int = GENERIC_CUDA_CONTEXT_BYTES,
-                 derivation: str | None = None) -> Budget:
+                 source: str = "budget_bytes") -> Budget:
         """A limit given directly (``preflight(budget_bytes=...)``): the peak, CUDA context included, may reach
         ``limit_bytes``; no headroom is taken off it."""
-        return cls(limit_bytes, context_bytes, 0, derivation or f"a limit of {format_gib(limit_bytes, 2)}")
+        return cls(limit_bytes, context_bytes, 0, f"{limit_bytes:,} bytes, no headroom", source)

@@ -22,13 +22,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from memplan.units import format_bytes
+
 from . import activations as act
 from .breakdown import COMPONENTS, PHASES, Estimate, ParamCounts
 from .dtypes import DTYPE_BYTES
 from .optimizers import resolve_optimizer
 from .runtime import ALLOCATOR_OVERHEAD_FRACTION, CUBLAS_WORKSPACE_BYTES, cuda_context_bytes
 from .setup import TrainSetup, resolve_setup
-from .trainable import trainable
+from .trainable import BNB_MIN_PAGED_SIZE, trainable
 from .weights import load_dtype, static_terms
 
 if TYPE_CHECKING:
@@ -40,12 +42,12 @@ __all__ = ["Estimate", "ParamCounts", "estimate", "estimate_for", "COMPONENTS", 
 
 def estimate(setup: TrainSetup, *, gpu: GPUSpec | str | None = None, profiles_dir=None) -> Estimate:
     """Resolve the setup's model (catalog name or local config) and card, then estimate."""
-    from memplan.catalog.gpus import load_gpu
+    from memplan.catalog.gpus import as_gpu
     from memplan.catalog.models import load_model
 
     spec = load_model(setup.model, profiles_dir=profiles_dir)
     gpu_name = gpu if gpu is not None else setup.gpu
-    gpu_spec = load_gpu(gpu_name, profiles_dir=profiles_dir) if isinstance(gpu_name, str) else gpu_name
+    gpu_spec = as_gpu(gpu_name, profiles_dir=profiles_dir)
     return estimate_for(spec, resolve_setup(setup, spec, gpu_spec), gpu_spec)
 
 
@@ -162,7 +164,12 @@ def _compute_fixed(spec: ModelSpec, setup: TrainSetup) -> _Fixed:
     if setup.bits == 8:
         notes.append("int8 (LLM.int8) memory follows bitsandbytes' CUDA MatMul8bitLt path, not yet calibrated on a GPU")
     if opt.paged:
-        notes.append(f"{opt.name} keeps {paged_bytes} bytes of state in CUDA managed memory (counted as resident)")
+        if paged_bytes:
+            notes.append(f"{opt.name} keeps {format_bytes(paged_bytes)} of its state in CUDA managed memory, "
+                         f"counted here as resident on the card")
+        else:
+            notes.append(f"{opt.name} pages nothing here: bitsandbytes pages the state of tensors of at least "
+                         f"{BNB_MIN_PAGED_SIZE:,} values, and every trainable tensor is smaller")
     return _Fixed(
         base=base, grad_bytes=grad_bytes,
         opt_temp_bytes=opt.foreach_temp_states * grad_bytes,  # same size and dtype as one state (= the grads)

@@ -9,7 +9,8 @@ Sources:
   ``_multi_tensor_rmsprop`` computes ``avg = torch._foreach_sqrt(grouped_square_avgs)``;
   ``_multi_tensor_adagrad`` computes ``std = torch._foreach_sqrt(device_state_sums)``. The fused variant
   (``adamw_torch_fused``) makes none.
-- bitsandbytes 0.50 (``bitsandbytes/optim/optimizer.py``, ``Optimizer2State.init_state`` / ``Optimizer1State.init_state``): 32-bit states are
+- bitsandbytes 0.50 (``bitsandbytes/optim/optimizer.py``, ``Optimizer2State.init_state`` /
+  ``Optimizer1State.init_state``): 32-bit states are
   fp32 whatever the parameter dtype; 8-bit states are uint8 plus one fp32 absmax per 256-value block
   (blockwise quantization), and a tensor with fewer than ``min_8bit_size = 4096`` values keeps 32-bit state.
   Paged variants allocate state with ``F.get_paged`` (CUDA managed memory): NVML sees it, torch's caching

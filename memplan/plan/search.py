@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-from memplan.errors import InvalidSetupError
+from memplan.errors import InvalidSetupError, UnknownGPUError
 
 from .budget import Budget, check_headroom
 from .estimate import Estimate, estimate_for
@@ -43,11 +43,17 @@ MAX_SEQ_SEARCH = 131072
 
 @dataclass(frozen=True)
 class NextStep:
-    """What the recommended plan would need at the next micro-batch size up."""
+    """What the recommended plan would need at the next micro-batch size up. It does not fit the budget,
+    unless the search stopped at ``max_batch`` first (``capped``): then it may fit (``shortfall_bytes`` <= 0)."""
 
     estimate: Estimate
-    shortfall_bytes: int  # how much more than the budget it needs (> 0)
+    shortfall_bytes: int  # how much more than the budget it needs (<= 0: it fits, with that much to spare)
     smallest_gpu: str | None  # the smallest catalog card it fits (its name), if any
+    capped: bool = False  # the recommended batch is max_batch: the search did not try larger ones
+
+    @property
+    def fits(self) -> bool:
+        return self.shortfall_bytes <= 0
 
 
 @dataclass(frozen=True)
@@ -67,6 +73,7 @@ class FitResult:
     # When nothing fits with the pinned knobs: single changes of a pinned knob after which the leanest plan
     # fits (``smallest_changes``), so that a --config user learns what to change or --free.
     changes: tuple[Change, ...] = ()
+    max_batch: int = DEFAULT_MAX_BATCH  # the largest micro-batch the search tried
 
     @property
     def budget_bytes(self) -> int:
@@ -95,6 +102,8 @@ class FitResult:
             "next_batch": None if self.next_batch is None else {
                 "estimate": self.next_batch.estimate.to_dict(),
                 "shortfall_bytes": self.next_batch.shortfall_bytes,
+                "fits": self.next_batch.fits,
+                "capped_by_max_batch": self.next_batch.capped,
                 "smallest_gpu": self.next_batch.smallest_gpu,
             },
             "max_seq_len_batch1": self.max_seq_len_batch1,
@@ -109,11 +118,13 @@ class FitResult:
 def fit(setup: TrainSetup, gpu: GPUSpec | str, *, headroom: float | None = None, pinned: frozenset[str] = frozenset(),
         max_batch: int = DEFAULT_MAX_BATCH, profiles_dir=None) -> FitResult:
     """Search the best plan for ``setup.model`` on ``gpu``. Fields named in ``pinned`` keep ``setup``'s value."""
-    from memplan.catalog.gpus import load_gpu
+    from memplan.catalog.gpus import as_gpu
     from memplan.catalog.models import load_model
 
     spec = load_model(setup.model, profiles_dir=profiles_dir)
-    gpu_spec = load_gpu(gpu, profiles_dir=profiles_dir) if isinstance(gpu, str) else gpu
+    gpu_spec = as_gpu(gpu, profiles_dir=profiles_dir)
+    if gpu_spec is None:
+        raise UnknownGPUError("fit needs a card or a budget (gpu='3090', '24GiB'), got None")
     return fit_for(spec, setup, gpu_spec, headroom=headroom, pinned=pinned, max_batch=max_batch,
                    profiles_dir=profiles_dir)
 
@@ -179,7 +190,7 @@ def fit_for(spec: ModelSpec, setup: TrainSetup, gpu: GPUSpec | None, *, budget: 
     if method_pinned and setup.method == "full":
         bits_values = pick("bits", (16,))
     elif method_pinned and setup.method == "qlora":
-        bits_values = (4,)
+        bits_values = pick("bits", (4,))  # qlora with other pinned bits: resolve_setup says why not
     else:
         bits_values = pick("bits", SEARCH_BITS)
     full = method_pinned and setup.method == "full"
@@ -232,12 +243,13 @@ def fit_for(spec: ModelSpec, setup: TrainSetup, gpu: GPUSpec | None, *, budget: 
     next_batch = None
     if "batch_size" not in pinned:
         bigger = s.est(replace(recommended.setup, batch_size=recommended.setup.batch_size * 2))
+        capped = recommended.setup.batch_size * 2 > batches[-1]
         next_batch = NextStep(bigger, budget.shortfall(bigger.total_bytes),
-                              smallest_gpu(spec, bigger.setup, headroom, profiles_dir))
+                              smallest_gpu(spec, bigger.setup, headroom, profiles_dir), capped=capped)
     limit = sequence_limit(spec)
     max_seq = s.max_seq(recommended.setup, limit or max(MAX_SEQ_SEARCH, spec.max_position_embeddings or 0))
     return FitResult(spec.name, gpu, headroom, budget, recommended, alternatives, next_batch, max_seq, None,
-                     leanest, s.evaluated, max_seq_len_is_model_limit=max_seq == limit)
+                     leanest, s.evaluated, max_seq_len_is_model_limit=max_seq == limit, max_batch=batches[-1])
 
 
 def _pinned_changes(spec: ModelSpec, leanest: TrainSetup, gpu: GPUSpec | None, budget: Budget,

@@ -77,6 +77,12 @@ class TrainSetup:
         """A copy with some fields changed (re-resolve it before estimating)."""
         return replace(self, **changes)
 
+    def __post_init__(self):
+        # peft's target_modules is a list (a set once injected): accept it, as the comma string memplan keeps
+        if isinstance(self.targets, (list, tuple, set, frozenset)):
+            names = sorted(self.targets) if isinstance(self.targets, (set, frozenset)) else self.targets
+            object.__setattr__(self, "targets", ",".join(str(t).strip() for t in names))
+
     @property
     def trains_lora(self) -> bool:
         return self.method in ("lora", "qlora")
@@ -170,6 +176,16 @@ def _check_choice(field: str, value, allowed) -> None:
         raise InvalidSetupError(f"invalid {field} {value!r}; allowed: {shown}")
 
 
+@lru_cache(maxsize=1024)  # the search asks for the same few (targets, rank) pairs hundreds of times
+def _check_rank(spec: ModelSpec, targets: str, rank: int) -> None:
+    """A rank beyond every adapted weight's larger side is not a low-rank adapter of anything (peft would build
+    it, each factor larger than the weight it adapts): most likely a typo."""
+    widest = max((max(lin.in_features, lin.out_features) for lin in spec.resolve_targets(targets)), default=0)
+    if widest and rank > widest:
+        raise InvalidSetupError(f"LoRA rank {rank} is larger than every adapted weight of {spec.name} (the widest "
+                                f"side is {widest}); a low-rank adapter has rank below min(in, out), typically 8-256")
+
+
 @lru_cache(maxsize=1024)
 def _parameter_targets(spec: ModelSpec, targets: str) -> tuple[str, ...]:
     """Resolve (raising for a module the model does not have) and return the targets peft adapts through
@@ -177,17 +193,39 @@ def _parameter_targets(spec: ModelSpec, targets: str) -> tuple[str, ...]:
     return tuple(lin.name for lin in spec.resolve_targets(targets) if lin.peft_target == "parameter")
 
 
+# The Python type each field takes (None allowed where the field's default is None): a wrong type gets
+# InvalidSetupError naming it, not a TypeError from deep inside (seq_len=True, grad_ckpt="yes", optimizer=42).
+_FIELD_TYPES = {"model": str, "method": str, "bits": int, "quant_type": str, "double_quant": bool, "dtype": str,
+                "rank": int, "alpha": (int, float), "targets": str, "lora_dropout": (int, float),
+                "adapter_dtype": str, "optimizer": str, "batch_size": int, "seq_len": int, "grad_ckpt": bool,
+                "attn": str, "upcast_non_quantized": bool, "gpu": str}
+_TYPE_NAMES = {str: "a string", int: "an integer", bool: "true or false", (int, float): "a number"}
+
+
+def _check_types(setup: TrainSetup) -> None:
+    for name, kind in _FIELD_TYPES.items():
+        value = getattr(setup, name)
+        if value is None and _FIELD_DEFAULTS[name] is None:
+            continue
+        numeric = kind in (int, (int, float))
+        if not isinstance(value, kind) or (numeric and isinstance(value, bool)):
+            raise InvalidSetupError(f"invalid {name} {value!r} ({type(value).__name__}); expected {_TYPE_NAMES[kind]}")
+
+
 def resolve_setup(setup: TrainSetup, spec: ModelSpec, gpu: GPUSpec | None = None) -> TrainSetup:
     """Fill defaults and validate; returns a complete setup or raises ``InvalidSetupError``."""
+    _check_types(setup)
     _check_choice("method", setup.method, METHODS)
     method = setup.method
 
     bits = setup.bits
     if bits is None:
-        bits = 4 if method == "qlora" else 16
+        # --dtype fp32 with LoRA or full fine-tuning means fp32 weights (16-bit weights cannot compute in fp32)
+        bits = 4 if method == "qlora" else (32 if setup.dtype == "fp32" else 16)
     _check_choice("bits", bits, BITS)
     if method == "qlora" and bits != 4:
-        raise InvalidSetupError(f"method 'qlora' means 4-bit base weights, got bits {bits}; use --method lora for 8/16-bit")
+        raise InvalidSetupError(f"method 'qlora' means 4-bit base weights, got bits {bits}; use --method lora for "
+                                f"8/16-bit")
     if method == "full" and bits in (4, 8):
         raise InvalidSetupError(
             f"full fine-tuning needs float weights (bits 16 or 32), got bits {bits}; use --method lora or qlora"
@@ -260,6 +298,7 @@ def resolve_setup(setup: TrainSetup, spec: ModelSpec, gpu: GPUSpec | None = None
                 f"got {setup.lora_dropout}"
             )
         alpha = alpha if alpha is not None else 2 * setup.rank
+        _check_rank(spec, targets, setup.rank)
 
     return replace(
         setup,

@@ -91,7 +91,8 @@ def _trainable(spec: ModelSpec, targets: str | None, rank: int, b: int) -> Train
     for t in (_full_tensors(spec, b) if targets is None else _lora_tensors(spec, targets, rank, b)):
         copies[t] = copies.get(t, 0) + 1
     tensors = tuple(copies.items())
-    return Trainable(tensors, sum(t.numel * n for t, n in tensors), sum(t.numel * t.bytes_per_value * n for t, n in tensors))
+    values = sum(t.numel * n for t, n in tensors)
+    return Trainable(tensors, values, sum(t.numel * t.bytes_per_value * n for t, n in tensors))
 
 
 def _full_tensors(spec: ModelSpec, b: int) -> tuple[TrainableTensor, ...]:

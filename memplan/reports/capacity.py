@@ -143,7 +143,8 @@ def capacity_rows(models: Sequence[str], gpus: Sequence[str], seq_lens: Sequence
         seq_lens: tokens per sequence; a length beyond a model's ``max_position_embeddings`` gives an
             ``n/a`` row, not an error.
         profiles_dir: another catalog folder.
-        headroom: fraction of each card kept free (default ``memplan.plan.budget.DEFAULT_HEADROOM``, as ``memplan fit``).
+        headroom: fraction of each card kept free (default ``memplan.plan.budget.DEFAULT_HEADROOM``, as
+            ``memplan fit``).
 
     Raises:
         UnknownModelError, UnknownGPUError: a name not in the catalog (with close matches).

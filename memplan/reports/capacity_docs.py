@@ -17,7 +17,7 @@ from .capacity import (CSV_COLUMNS, FITS, FORMATS, NO_FIT, NOT_APPLICABLE, Capac
                        targets_short)
 from .capacity_plots import BITS_COLOURS, Figure, draw, figures
 
-__all__ = ["markdown", "html", "write_capacity_report"]
+__all__ = ["markdown", "html", "write_capacity_report", "capacity_files"]
 
 
 _OPT_SHORT = {"adamw_torch": "", "adamw_bnb_8bit": "adam8", "paged_adamw_8bit": "paged8"}
@@ -377,3 +377,9 @@ def _default_command(rows: Sequence[CapacityRow], formats: Sequence[str], out: P
     return (f"memplan report capacity --models {models} --gpus {gpus} --seq-len {seqs} --format {','.join(formats)} "
             f"--out {out}")
 
+
+def capacity_files(seq_lens, formats) -> tuple[str, ...]:
+    """Every file ``write_capacity_report`` writes for these sequence lengths and formats."""
+    names = [f"capacity.{f}" for f in formats] + ["capacity.csv", "capacity_curves.png"]
+    names += [f"capacity_{kind}_seq{s}.png" for s in seq_lens for kind in ("heatmap", "breakdown")]
+    return tuple(names)

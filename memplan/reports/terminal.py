@@ -14,10 +14,11 @@ from memplan.plan.setup import describe_setup
 from memplan.units import GiB, format_gib
 
 if TYPE_CHECKING:
+    from memplan.plan.budget import Budget
     from memplan.plan.estimate import Estimate
     from memplan.plan.search import FitResult
 
-__all__ = ["breakdown_table", "estimate_view", "fit_view", "simulation_view", "runs_view"]
+__all__ = ["breakdown_table", "estimate_view", "fit_view", "verdict", "simulation_view", "runs_view"]
 
 _BAR_WIDTH = 30
 
@@ -32,7 +33,7 @@ def breakdown_table(e: Estimate, *, title: str | None = None, compare: Estimate 
     first, with a bar scaled to the largest one. ``compare`` adds a column of another breakdown and the ratio."""
     comps, total = e.components, e.total_bytes
     table = Table(title=title, title_justify="left", show_footer=True, box=None, pad_edge=False)
-    table.add_column("component", footer="total")
+    table.add_column("component", footer="total", overflow="fold")
     table.add_column("GiB", justify="right", footer=_gib(total))
     if compare is not None:
         table.add_column(f"{compare_label} GiB", justify="right", footer=_gib(compare.total_bytes))
@@ -68,23 +69,40 @@ def _headline(e: Estimate) -> Text:
     return t
 
 
-def estimate_view(e: Estimate) -> Group:
-    parts = [Text(f"{e.setup.model}: {describe_setup(e.setup)}", style="bold"), _headline(e), Text(""),
-             breakdown_table(e)]
+def verdict(e: Estimate, budget: Budget) -> Text:
+    """``fits the 22.80 GiB budget (RTX 3090: 24.00 GiB total - 5% headroom), 0.64 GiB to spare``, or how much it
+    is over."""
+    over = budget.shortfall(e.total_bytes)
+    if over <= 0:
+        return Text.assemble(("fits", "bold green"), f" the {budget.describe()}, {format_gib(-over, 2)} to spare")
+    return Text.assemble(("does not fit", "bold red"), f" the {budget.describe()}: {format_gib(over, 2)} over")
+
+
+def estimate_view(e: Estimate, budget: Budget | None = None) -> Group:
+    """One setup's breakdown; with ``budget`` (a card was named), whether it fits and by how much."""
+    parts = [Text(f"{e.setup.model}: {describe_setup(e.setup)}", style="bold"), _headline(e)]
+    if budget is not None:
+        parts.append(verdict(e, budget))
+    parts += [Text(""), breakdown_table(e)]
     parts += [Text(f"note: {n}", style="yellow") for n in e.notes]
     return Group(*parts)
 
 
+def _plan_bits(s) -> str:
+    if s.bits == 4:
+        return f"4 {s.quant_type}"
+    return "8 int8" if s.bits == 8 else str(s.bits)
+
+
 def fit_view(r: FitResult) -> Group:
-    g = r.gpu
-    parts: list = [Text(
-        f"{r.model} on {g.name}: {format_gib(g.total_bytes)} total, {format_gib(r.usable_bytes)} usable "
-        f"(CUDA context {format_gib(g.cuda_context_bytes, 2)}, headroom {r.headroom:.0%})", style="bold")]
+    parts: list = [Text(f"{r.model} on {r.gpu.label}: {r.budget.describe(source=False)}", style="bold"),
+                   Text(f"Every peak includes the {format_gib(r.budget.context_bytes, 2)} CUDA context.")]
     if r.recommended is None:
         lean = r.leanest
         parts.append(Text(
-            f"Nothing fits. The leanest plan searched ({describe_setup(lean.setup)}) needs {format_gib(lean.total_bytes)} "
-            f"against a budget of {format_gib(r.budget_bytes)}.", style="bold red"))
+            f"Nothing fits. The leanest plan searched ({describe_setup(lean.setup)}) needs "
+            f"{format_gib(lean.total_bytes, 2)}, {format_gib(r.budget.shortfall(lean.total_bytes), 2)} over the "
+            f"budget.", style="bold red"))
         parts.append(Text(f"Smallest catalog card that fits it: {r.smallest_gpu or 'none in the catalog'}"))
         if r.changes:
             parts.append(Text("Or change one pinned knob (the flag, or --free it when a --config sets it):"))
@@ -95,26 +113,31 @@ def fit_view(r: FitResult) -> Group:
     rec = r.recommended
     parts.append(Text.assemble(("Recommended: ", "bold green"), describe_setup(rec.setup)))
     parts.append(Text(f"peak {format_gib(rec.total_bytes, 2)} at {rec.peak_phase.replace('_', ' ')}, "
-                      f"{format_gib(r.budget_bytes - rec.total_bytes, 2)} to spare"))
+                      f"{format_gib(-r.budget.shortfall(rec.total_bytes), 2)} to spare"))
     parts += [Text(""), breakdown_table(rec, title="Where the memory goes (recommended plan)"), Text("")]
 
     alt = Table(title="Alternatives", title_justify="left", box=None, pad_edge=False)
-    for col, justify in (("plan", "left"), ("bits", "right"), ("rank", "right"), ("targets", "left"), ("batch", "right"),
-                         ("ckpt", "left"), ("optimizer", "left"), ("peak GiB", "right"), ("spare GiB", "right")):
-        alt.add_column(col, justify=justify)
+    for col, justify in (("", "left"), ("bits", "left"), ("rank", "right"), ("targets", "left"),
+                         ("batch", "right"), ("ckpt", "left"), ("optimizer", "left"), ("peak", "right"),
+                         ("spare", "right")):
+        alt.add_column(col, justify=justify, overflow="fold")
     for e in (rec, *r.alternatives):
         s = e.setup
-        alt.add_row("recommended" if e is rec else "", str(s.bits) + (f" {s.quant_type}" if s.bits == 4 else ""),
-                    "-" if s.method == "full" else str(s.rank), s.targets or "all (full)", str(s.batch_size),
-                    "yes" if s.grad_ckpt else "no", s.optimizer, _gib(e.total_bytes),
-                    _gib(r.budget_bytes - e.total_bytes), style="green" if e is rec else None)
-    parts.append(alt)
-    if r.next_batch is not None:
-        nb = r.next_batch
-        where = f"fits a {nb.smallest_gpu}" if nb.smallest_gpu else "fits no catalog card"
-        parts.append(Text(f"\nNext size up (batch {nb.estimate.setup.batch_size}): needs "
-                          f"{format_gib(nb.estimate.total_bytes, 2)}, {format_gib(nb.shortfall_bytes, 2)} over "
-                          f"this card's budget; {where}."))
+        alt.add_row("*" if e is rec else "", _plan_bits(s), "-" if s.method == "full" else str(s.rank),
+                    s.targets or "all (full)", str(s.batch_size), "yes" if s.grad_ckpt else "no", s.optimizer,
+                    _gib(e.total_bytes), _gib(-r.budget.shortfall(e.total_bytes)),
+                    style="green" if e is rec else None)
+    parts += [alt, Text("* recommended; peak and spare in GiB", style="dim")]
+    nb = r.next_batch
+    if nb is not None:
+        b, need = nb.estimate.setup.batch_size, format_gib(nb.estimate.total_bytes, 2)
+        if nb.fits:
+            parts.append(Text(f"\nBatch {b} would fit too ({need}, {format_gib(-nb.shortfall_bytes, 2)} to spare): "
+                              f"the search stops at --max-batch {r.max_batch}."))
+        else:
+            where = f"fits a {nb.smallest_gpu}" if nb.smallest_gpu else "fits no catalog card"
+            parts.append(Text(f"\nNext size up (batch {b}): needs {need}, {format_gib(nb.shortfall_bytes, 2)} over "
+                              f"the budget; {where}."))
     if r.max_seq_len_batch1 is not None:
         limit = " (the model's max_position_embeddings)" if r.max_seq_len_is_model_limit else ""
         parts.append(Text(f"Longest sequence at batch 1 with these settings: {r.max_seq_len_batch1:,} tokens{limit}."))
@@ -126,7 +149,8 @@ def simulation_view(sim, analytic: Estimate | None = None) -> Group:
     """A ``memplan simulate`` result: the tracked breakdown at the peak, per-phase peaks, and optionally the
     tensor-level analytic estimate beside it (estimate ÷ simulated)."""
     s = sim.setup if isinstance(sim.setup, dict) else sim.setup.to_dict()
-    head = Text(f"{s['model']}: simulated {sim.device_semantics}-semantics step(s) in {sim.wall_seconds:.1f} s", style="bold")
+    head = Text(f"{s['model']}: simulated {sim.device_semantics}-semantics step(s) in {sim.wall_seconds:.1f} s",
+                style="bold")
     parts: list = [head, Text(f"peak {format_gib(sim.total_bytes, 3)} at {sim.peak_phase.replace('_', ' ')} "
                               f"(tensor level: no CUDA context or allocator overhead)"), Text("")]
     parts.append(breakdown_table(sim, title="Tracked storages at the peak", compare=analytic,
@@ -142,16 +166,19 @@ def simulation_view(sim, analytic: Estimate | None = None) -> Group:
 
 
 def runs_view(records, out_dir) -> Group:
-    """One line per recorded run: outcome, peak and where it was written."""
+    """One line per recorded run (outcome, peak), then the file each was written to."""
     t = Table(title=f"Run records in {out_dir}", title_justify="left", box=None, pad_edge=False)
-    for col, justify in (("outcome", "left"), ("batch", "right"), ("seq", "right"), ("tensor peak GiB", "right"),
-                         ("reserved GiB", "right"), ("phase", "left"), ("file", "left")):
-        t.add_column(col, justify=justify)
-    for r in records:
+    for col, justify in (("#", "right"), ("outcome", "left"), ("batch", "right"), ("seq", "right"),
+                         ("steps", "right"), ("tensor peak GiB", "right"), ("reserved GiB", "right"),
+                         ("phase", "left")):
+        t.add_column(col, justify=justify, overflow="fold")
+    for i, r in enumerate(records, start=1):
         peak = r.peak or {}
         tp, rv = peak.get("tensor_peak_bytes"), peak.get("max_reserved_bytes")
-        t.add_row(r.outcome, str(r.setup.get("batch_size")), str(r.setup.get("seq_len")),
-                  _gib(tp) if tp is not None else "-", _gib(rv) if rv is not None else "-",
-                  str(peak.get("peak_phase") or "-"), str(getattr(r, "path", "") or ""),
+        t.add_row(str(i), r.outcome, str(r.setup.get("batch_size")), str(r.setup.get("seq_len")),
+                  f"{r.steps_completed}/{r.steps}", _gib(tp) if tp is not None else "-",
+                  _gib(rv) if rv is not None else "-", str(peak.get("peak_phase") or "-"),
                   style="red" if r.outcome != "ok" else None)
-    return Group(t)
+    files = [Text(f"{i}: {getattr(r, 'path', '') or 'not saved'}", overflow="fold")
+             for i, r in enumerate(records, start=1)]
+    return Group(t, *files)

@@ -13,7 +13,10 @@ from memplan.measure.validate import MATRIX_SETUP_KEYS, MatrixRow, RunRow
 from memplan.plan.breakdown import COMPONENTS
 from memplan.units import GiB
 
-__all__ = ["write_report"]
+__all__ = ["write_report", "VALIDATION_FILES"]
+
+# every file write_report may write (memplan validate refuses to replace them without --force)
+VALIDATION_FILES = ("validation.md", "validation_matrix.csv", "validation_runs.csv", "validation.png")
 
 def _shown_path(path: str) -> str:
     """A run record's path as a committed report shows it: relative to the working directory (the checkout's
@@ -109,7 +112,8 @@ def write_report(out_dir: str | os.PathLike, *, matrix: list[MatrixRow] | None =
             if rs:
                 worst = max(rs, key=lambda x: abs(x - 1))
                 lines.append(f"| {comp} | {len(rs)} | {statistics.median(rs):.3f} | {worst:.3f} |")
-        lines += ["", "Worst 15 setups:", "", "| setup | analytic GiB | simulated GiB | ratio | phases (analytic / sim) |",
+        lines += ["", "Worst 15 setups:", "",
+                  "| setup | analytic GiB | simulated GiB | ratio | phases (analytic / sim) |",
                   "|---|---:|---:|---:|---|"]
         for r in sorted(ok, key=lambda r: -abs(r.ratio - 1))[:15]:
             lines.append(f"| {_setup_label(r.setup)} | {r.analytic_bytes / GiB:.3f} | {r.simulated_bytes / GiB:.3f} "
@@ -146,9 +150,9 @@ def write_report(out_dir: str | os.PathLike, *, matrix: list[MatrixRow] | None =
             lines.append(f"| {_setup_label(r.setup)} | {r.device} | {r.measured_kind} | {meas} | {ar_s} | {sr_s} |")
         header = [*MATRIX_SETUP_KEYS, "path", "device", "measured_kind", "measured_bytes", "analytic_bytes",
                   "simulated_bytes", "analytic_ratio", "simulated_ratio"]
-        rows = [[r.setup[k] for k in MATRIX_SETUP_KEYS] + [_shown_path(r.path), r.device, r.measured_kind, r.measured_bytes,
-                                                     r.analytic_bytes, r.simulated_bytes, r.analytic_ratio,
-                                                     r.simulated_ratio] for r in runs]
+        rows = [[r.setup[k] for k in MATRIX_SETUP_KEYS]
+                + [_shown_path(r.path), r.device, r.measured_kind, r.measured_bytes, r.analytic_bytes,
+                   r.simulated_bytes, r.analytic_ratio, r.simulated_ratio] for r in runs]
         p = out / "validation_runs.csv"
         _write_atomic(p, _csv_text(header, rows))
         written.append(p)

@@ -27,7 +27,9 @@ def test_estimate_json_interface(capsys):
                        "--rank", "16", "--alpha", "32", "--targets", "q_proj,v_proj", "--lora-dropout", "0.05",
                        "--adapter-dtype", "fp32", "--optimizer", "adamw_torch", "--batch-size", "1",
                        "--seq-len", "512", "--no-grad-ckpt", "--attn", "sdpa", "--gpu", "3090")
-    assert code == 0
+    assert code == 1  # 16-bit OPT-13B does not fit a 3090: the exit status says so
+    assert d["budget"]["fits"] is False and d["budget"]["spare_bytes"] < 0
+    assert d["budget"]["budget_bytes"] == 24576 * 2**20 - int(0.05 * 24576 * 2**20)
     assert isinstance(d["total_bytes"], int)
     assert sum(d["components"].values()) == d["total_bytes"]
     assert d["params"] == {"total": 12_853_473_280, "trainable": 13_107_200, "quantized": 0}

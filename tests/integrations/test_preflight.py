@@ -421,5 +421,7 @@ def test_callback_says_the_plan_and_the_record(model_dir, tmp_path, capsys):
     cb = MemplanCallback(seq_len=32, budget_bytes=BIG, record_dir=tmp_path / "runs")
     _trainer(model_dir, tmp_path, cb, steps=1).train()
     err = capsys.readouterr().err
-    assert "memplan: estimated peak" in err and "budget_bytes=1,000,000,000,000" in err
+    assert "memplan: estimated peak" in err
+    assert "fits the 931.32 GiB budget (budget_bytes: 1,000,000,000,000 bytes" in err
+    assert "GiB): " not in err  # the budget is named once, not "(1.00 GiB): 1.00 GiB"
     assert f"memplan: run record (ok) {cb.record_path}: tensor peak" in err

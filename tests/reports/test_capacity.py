@@ -220,8 +220,8 @@ def test_cli_bad_input_is_one_line_exit_2(capsys, tmp_path, argv, needle):
 
 
 def test_cli_report_alone_prints_help_exit_2(capsys):
-    code, out, _ = _cli(capsys, "report")
-    assert code == 2 and "capacity" in out
+    code, out, err = _cli(capsys, "report")
+    assert code == 2 and "capacity" in err and out == ""  # the help is not a result: stderr
 
 
 @pytest.mark.extras("pandas", "matplotlib")

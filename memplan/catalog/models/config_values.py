@@ -12,8 +12,14 @@ from memplan.errors import ConfigError
 
 from .spec import LinearSpec, ParamSpec
 
-__all__ = ["ConfigValues", "linear", "layernorm", "rmsnorm", "lm_head", "tied", "standard_sizes", "opt_float",
+__all__ = ["ConfigValues", "MAX_CONFIG_INT", "linear", "layernorm", "rmsnorm", "lm_head", "tied", "standard_sizes",
+           "opt_float",
            "dropout_fields"]
+
+
+# No released model comes near 2**24 (16.8M) in any dimension (the largest vocabularies are ~262k, the longest
+# trained contexts 10M positions): a larger value is a typo or a broken file, and would plan terabytes.
+MAX_CONFIG_INT = 2**24
 
 
 class ConfigValues:
@@ -34,16 +40,18 @@ class ConfigValues:
     def num(self, key: str, default: float = 0.0, *aliases: str) -> float:
         """A float, with JSON null read as ``default`` (transformers treats a None dropout as no dropout)."""
         v = self.get(key, default, *aliases)
-        return float(default if v is None else v)
+        if v is None:
+            return float(default)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1:
+            raise ConfigError(f"{self.where}: config value '{key}' must be a dropout probability in [0, 1), got {v!r}")
+        return float(v)
 
     def req(self, key: str, *aliases: str) -> int:
         """A required positive integer (a core dimension: transformers' default would be a different model)."""
         for k in (key, *aliases):
             v = self.values.get(k)
             if v is not None:
-                if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                    raise ConfigError(f"{self.where}: config value '{k}' must be a positive integer, got {v!r}")
-                return v
+                return self._checked_int(k, v)
         spelled = " or ".join(repr(k) for k in (key, *aliases))
         raise ConfigError(f"{self.where}: config.json lacks {spelled}, required for a {self.model_type} model")
 
@@ -51,8 +59,14 @@ class ConfigValues:
         v = self.get(key, default, *aliases)
         if v is None:
             return None
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise ConfigError(f"{self.where}: config value '{key}' must be an integer, got {v!r}")
+        return self._checked_int(key, v)
+
+    def _checked_int(self, key: str, v) -> int:
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise ConfigError(f"{self.where}: config value '{key}' must be a positive integer, got {v!r}")
+        if v > MAX_CONFIG_INT:
+            raise ConfigError(f"{self.where}: config value '{key}' {v:,} is beyond any released model "
+                              f"(at most {MAX_CONFIG_INT:,})")
         return v
 
     def rope_fraction(self, default: float) -> float:

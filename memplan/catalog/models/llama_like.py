@@ -6,7 +6,8 @@ transformers 5.23 builds (``AutoModelForCausalLM``); the docstrings cite the mod
 
 from __future__ import annotations
 
-from .config_values import ConfigValues, dropout_fields, layernorm, linear, lm_head, opt_float, rmsnorm, standard_sizes, tied
+from .config_values import (ConfigValues, dropout_fields, layernorm, linear, lm_head, opt_float, rmsnorm,
+                            standard_sizes, tied)
 from .spec import ParamSpec
 
 __all__ = ["llama_like", "phi", "phi3", "stablelm"]

@@ -8,6 +8,7 @@ names raise ``UnknownModelError`` with close matches; unreadable or unsupported 
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -121,7 +122,11 @@ def _catalog_file(models_dir: str, key: str) -> str | None:
     d = Path(models_dir)
     # fast path: the file is named after the id, which is usually the name without its org prefix
     direct = d / f"{key.rsplit('/', 1)[-1]}.json"
-    if direct.is_file() and _catalog_hit(direct, key):
+    try:
+        exists = direct.is_file()
+    except OSError:  # a name too long for the filesystem is no catalog file either
+        exists = False
+    if exists and _catalog_hit(direct, key):
         hit: str | None = str(direct)
     else:
         index = _name_index(models_dir, _dir_stamp(d))
@@ -131,6 +136,29 @@ def _catalog_file(models_dir: str, key: str) -> str | None:
     return hit
 
 
+def _is_dir(p: Path) -> bool:
+    try:
+        return p.is_dir()
+    except OSError:  # a name too long for the filesystem, or a folder we may not look into: not a local path
+        return False
+
+
+def _local_config(p: Path, raw: str) -> Path | None:
+    """The config.json a local path names (the file, or the one in the folder), or None when ``raw`` is not a
+    local path. A folder this user may not read raises ``ConfigError`` naming it."""
+    try:
+        if p.is_file():
+            return p
+        cfg = p / "config.json"
+        if p.is_dir() and cfg.is_file():
+            return cfg
+    except PermissionError as exc:
+        raise ConfigError(f"{raw}: cannot read: {exc.strerror}") from None
+    except OSError:  # ENAMETOOLONG and friends: not a path this machine has
+        return None
+    return None
+
+
 def load_model(name_or_path: str | Path, *, profiles_dir=None) -> ModelSpec:
     """A ModelSpec from a catalog name, a config.json path, or a local model folder holding config.json.
 
@@ -138,26 +166,30 @@ def load_model(name_or_path: str | Path, *, profiles_dir=None) -> ModelSpec:
     name (``opt-13b``, ``facebook/opt-13b``, ``OPT-13B``); other spellings (aliases, hf ids that differ from the
     id) go through an index of all entries. Specs are cached per file and modification time.
     """
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise UnknownModelError(f"invalid model {name_or_path!r} ({type(name_or_path).__name__}); give a catalog "
+                                f"name (memplan models) or a local config.json / model folder")
     raw = str(name_or_path).strip()
     if not raw:
         raise UnknownModelError("empty model name; pass a catalog name (memplan models) or a local config.json")
     p = Path(raw).expanduser()
-    if p.is_file():
-        return _spec_from_config_file(str(p.resolve()), p.stat().st_mtime_ns)
-    if p.is_dir() and (p / "config.json").is_file():
-        cfg = p / "config.json"
-        return _spec_from_config_file(str(cfg.resolve()), cfg.stat().st_mtime_ns)
+    local = _local_config(p, raw)
+    if local is not None:
+        return _spec_from_config_file(str(local.resolve()), local.stat().st_mtime_ns)
 
     d = _models_dir(profiles_dir)
     hit = _catalog_file(str(d), raw.lower())
     if hit and Path(hit).is_file():
         return _spec_from_catalog_file(hit, Path(hit).stat().st_mtime_ns)
-    if p.is_dir():  # a folder that is not a catalog name either
+    if _is_dir(p):  # a folder that is not a catalog name either
         raise ConfigError(f"{p}: the folder holds no config.json")
     if raw.endswith(".json") or raw.startswith((".", "/", "~")) or "\\" in raw:
         raise UnknownModelError(f"no such config file or model folder: {raw!r}")
     ids = sorted(Path(f).stem for f in d.glob("*.json"))
     probe = raw.rsplit("/", 1)[-1]
+    if len(raw) > 200:  # longer than any model name or path people type: do not echo it whole
+        raise UnknownModelError(f"unknown model {raw[:60]!r}... ({len(raw)} characters); pass a catalog name "
+                                f"(memplan models) or a local config.json / model folder")
     raise UnknownModelError(
         f"unknown model {raw!r}{suggestion_suffix(probe, ids)}; pass a catalog name (memplan models) "
         f"or a local config.json / model folder"
