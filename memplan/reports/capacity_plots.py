@@ -7,9 +7,12 @@ imported inside the functions, with the Agg backend; every PNG is written atomic
 
 from __future__ import annotations
 
+import math
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from memplan.fileio import write_atomic
 from memplan.plan.breakdown import COMPONENT_LABELS, COMPONENTS
@@ -17,7 +20,8 @@ from memplan.units import GiB
 
 from .capacity import FITS, NO_FIT, CapacityRow, peak_curves, targets_short
 
-__all__ = ["Figure", "figures", "draw", "BITS_COLOURS"]
+__all__ = ["Figure", "figures", "draw", "BITS_COLOURS", "Exit", "PanelFit", "curve_limits", "curve_series",
+           "exit_x", "panel_fit", "spread", "LABEL_GAP"]
 
 DPI = 130
 # Base-weight precision of the best plan. A sequential green-to-orange scale that stays distinct in grey
@@ -197,64 +201,150 @@ def _card_lines(cards: list[CapacityRow]) -> list[tuple[float, str]]:
     return [(gib, f"{' / '.join(names)}  {gib:.1f} GiB") for gib, names in lines]
 
 
-def _spread(ys: list[float], gap: float) -> list[float]:
-    """Label positions near ``ys`` (ascending) at least ``gap`` apart."""
+def spread(wanted: list[float], gap: float, widths: list[float] | None = None, lo: float = -math.inf,
+           hi: float = math.inf) -> list[float]:
+    """Label centres near ``wanted`` (ascending), neighbours' edges ``gap`` apart or more (``widths``: default 0),
+    inside [``lo``, ``hi``] where there is room: pushed up, then back down from ``hi``; the gaps always hold."""
+    ws = widths or [0.0] * len(wanted)
     out: list[float] = []
-    for y in ys:
-        out.append(max(y, out[-1] + gap) if out else y)
+    for i, (c, w) in enumerate(zip(wanted, ws)):
+        c = max(c, lo + w / 2)
+        out.append(max(c, out[-1] + (ws[i - 1] + w) / 2 + gap) if out else c)
+    for i in reversed(range(len(out))):
+        out[i] = min(out[i], hi - ws[i] / 2 if i == len(out) - 1 else out[i + 1] - (ws[i] + ws[i + 1]) / 2 - gap)
     return out
+
+
+# ---- peak curves: what the axes show (pure; the tests hold these) -------------------------------------------
+Y_MARGIN = 1.08  # the curves' y axis ends 8% above the largest card's limit
+LABEL_GAP = 6.0  # points between neighbouring exit labels
+_CURVE_STYLE = {16: ("#1b7837", "16-bit LoRA"), 8: ("#7fbf7b", "8-bit LoRA"), 4: ("#e08214", "4-bit QLoRA")}
+
+
+class Exit(NamedTuple):
+    """Where line ``key`` (bits, checkpointing) leaves the top; ``above``: it starts above, labelled "4-bit ≥92 GiB"."""
+    key: tuple[int, bool]
+    x: float
+    label: str
+    above: bool = False
+
+
+class PanelFit(NamedTuple):
+    """A panel's x axis: ``ticks``, the x of points on the plot; ``x_max``, the last such or exit; ``exits`` by x."""
+    axis: str
+    ticks: list[int]
+    x_max: float
+    exits: list[Exit]
+
+
+def curve_series(points, axis: str) -> dict[tuple[int, bool], list[tuple[int, float]]]:
+    """The lines of one panel (``axis``: "batch" or "seq_len"): (bits, checkpointing) -> [(x, peak GiB)]."""
+    series: dict[tuple[int, bool], list[tuple[int, float]]] = {}
+    for p in (p for p in points if p.axis == axis):
+        x = p.batch_size if axis == "batch" else p.seq_len
+        series.setdefault((p.bits, p.grad_ckpt), []).append((x, p.peak_bytes / GiB))
+    return {k: sorted(v) for k, v in series.items()}
+
+
+def exit_x(xy: list[tuple[int, float]], top: float) -> float | None:
+    """The x where the line ``xy`` first rises above ``top`` (straight between points on a log2 x axis, as
+    drawn); its first x when it starts above; None when it stays at or under."""
+    for i, (x, y) in enumerate(xy):
+        if y > top:
+            x0, y0 = xy[i - 1] if i else (x, top)  # from the point before; a line starting above: at its start
+            return 2 ** (math.log2(x0) + (top - y0) / (y - y0) * (math.log2(x) - math.log2(x0)))
+    return None
+
+
+def panel_fit(points, axis: str, top: float) -> PanelFit:
+    """Ticks only where a point is on the plot; the axis ends at the last such point or the last exit."""
+    series = curve_series(points, axis)
+    ticks = sorted({x for xy in series.values() for x, y in xy if y <= top})
+    exits = []
+    for (bits, ckpt), xy in series.items():
+        if (x := exit_x(xy, top)) is not None:  # labelled with the legend's name, short (and how high, if above)
+            low = f" ≥{math.floor(min(y for _, y in xy)):,} GiB" if (above := xy[0][1] > top) else ""
+            exits.append(Exit((bits, ckpt), x, f"{bits}-bit{' ckpt' if ckpt else ''}{low}", above))
+    if not ticks:  # nothing fits under the top: the whole grid, every line labelled at its start
+        ticks = sorted({x for xy in series.values() for x, _ in xy})
+    x_max = max([float(t) for t in ticks[-1:]] + [e.x for e in exits] or [1.0])
+    return PanelFit(axis, ticks, x_max, sorted(exits, key=lambda e: (e.x, e.key)))
+
+
+def curve_limits(points, cards: list[CapacityRow]) -> tuple[float, PanelFit, PanelFit]:
+    """(y axis top in GiB: a little above the largest card's limit, or the highest peak; batch panel; seq panel)."""
+    lines = _card_lines(cards)
+    top = (lines[-1][0] if lines else max([p.peak_bytes / GiB for p in points] or [1.0])) * Y_MARGIN
+    return top, panel_fit(points, "batch", top), panel_fit(points, "seq_len", top)
+
+
+def _exit_labels(mfig, ax, fit: PanelFit, top: float) -> None:
+    """Above ``ax``, after the layout (label widths measured): each exit's label near its exit, with a leader;
+    over them, from the left, the lines that start above the plot. Neighbours at least LABEL_GAP points apart."""
+    renderer = mfig.canvas.get_renderer()
+    box, px = ax.get_window_extent(renderer), mfig.dpi / 72  # pixels per point
+    exits, above = [e for e in fit.exits if not e.above], [e for e in fit.exits if e.above]
+    for row, wanted, dy in ((exits, [ax.transData.transform((e.x, top))[0] for e in exits], 9),
+                            (above, [box.x0] * len(above), 25 if exits else 9)):
+        texts = [ax.text(0, 1 + dy * px / box.height, e.label, transform=ax.transAxes, fontsize=8.5, va="bottom",
+                         fontweight="bold", ha="center", color=_CURVE_STYLE.get(e.key[0], ("#444444",))[0])
+                 for e in row]
+        widths = [t.get_window_extent(renderer).width for t in texts]
+        if (k := (box.width - LABEL_GAP * px * (len(row) - 1)) / (sum(widths) or 1)) < 1:  # too long: smaller type
+            widths = [w * k for w in widths]
+            for t in texts:
+                t.set_fontsize(8.5 * k)
+        for t, e, c in zip(texts, row, spread(wanted, LABEL_GAP * px, widths, box.x0, box.x1)):
+            t.set_x((c - box.x0) / box.width)
+            if not e.above:
+                ax.annotate("", xy=(e.x, top), xytext=t.get_position(), textcoords="axes fraction",
+                            annotation_clip=False, arrowprops=dict(arrowstyle="-", color=t.get_color(), lw=0.9,
+                                                                   shrinkA=0, shrinkB=0, ls="--" if e.key[1] else "-"))
 
 
 def _curves(plt, fig: Figure):
     points = fig.data["points"]
     lines = _card_lines(fig.data["cards"])
-    ymax = (lines[-1][0] if lines else max(p.peak_bytes for p in points) / GiB) * 1.12
+    top, *fits = curve_limits(points, fig.data["cards"])
     mfig, axes = plt.subplots(1, 2, figsize=(14, 6.6), sharey=True)
-    style = {16: ("#1b7837", "16-bit LoRA"), 8: ("#7fbf7b", "8-bit LoRA"), 4: ("#e08214", "4-bit QLoRA")}
-    for ax, axis in zip(axes, ("batch", "seq_len")):
+    pad = 6 + 16 * max(len({e.above for e in f.exits}) for f in fits)  # rows: exit labels, lines above the plot
+    for ax, fit in zip(axes, fits):
         for gib, _ in lines:
             ax.axhline(gib, color="#888888", ls=":", lw=1.1)
-        series: dict[tuple[int, bool], list] = {}
-        for p in points:
-            if p.axis == axis:
-                series.setdefault((p.bits, p.grad_ckpt), []).append(p)
-        for (bits, ckpt), pts in series.items():
-            colour, name = style.get(bits, ("#444444", f"{bits}-bit"))
-            xs = [p.batch_size if axis == "batch" else p.seq_len for p in pts]
-            ax.plot(xs, [p.peak_bytes / GiB for p in pts], color=colour, ls="--" if ckpt else "-", marker="o",
+        for (bits, ckpt), xy in curve_series(points, fit.axis).items():
+            colour, name = _CURVE_STYLE.get(bits, ("#444444", f"{bits}-bit"))
+            ax.plot([x for x, _ in xy], [y for _, y in xy], color=colour, ls="--" if ckpt else "-", marker="o",
                     ms=4, lw=2, label=f"{name}, {'with' if ckpt else 'no'} checkpointing")
         ax.set_xscale("log", base=2)
-        xs = sorted({p.batch_size if axis == "batch" else p.seq_len for p in points if p.axis == axis})
-        ax.set_xticks(xs)
-        ax.set_xticklabels([f"{x:,}" for x in xs], rotation=0 if axis == "batch" else 30)
+        tilt = 30 if fit.axis == "seq_len" and len(fit.ticks) > 6 else 0  # long numbers, many ticks
+        ax.set_xticks(fit.ticks, [f"{x:,}" for x in fit.ticks], rotation=tilt)
         ax.minorticks_off()
-        ax.set_ylim(0, ymax)
+        ax.set_xlim(min(fit.ticks, default=fit.x_max) / 2 ** 0.3, fit.x_max * 2 ** 0.3)  # x_max >= every tick
+        ax.set_ylim(0, top)
         ax.grid(alpha=0.25)
-        if axis == "batch":
-            seq = points[0].seq_len if points else 0
-            seq = next((p.seq_len for p in points if p.axis == "batch"), seq)
+        if fit.exits and all(e.above for e in fit.exits):  # an empty panel: say why
+            ax.text(0.5, 0.5, "every line is above the largest card's limit", transform=ax.transAxes, ha="center",
+                    va="center", bbox=dict(facecolor="white", edgecolor="none"))
+        ax.set_title(f"against {'batch size' if fit.axis == 'batch' else 'sequence length'}", loc="left", pad=pad)
+        if fit.axis == "batch":
+            seq = next((p.seq_len for p in points if p.axis == "batch"), 0)
             ax.set_xlabel(f"micro-batch size (sequences of {seq:,} tokens)")
             ax.set_ylabel("peak memory (GiB)")
-            ax.set_title("against batch size", loc="left")
         else:
             ax.set_xlabel("sequence length (tokens), batch size 1")
-            ax.set_title("against sequence length", loc="left")
     # Card labels once, right of the right panel (both panels share the y axis).
-    ax = axes[1]
-    gap = ymax * 0.035
-    ys = _spread([g for g, _ in lines], gap)
-    for (gib, label), y in zip(lines, ys):
-        if gib <= ymax:
-            ax.annotate(label, xy=(1.0, gib), xycoords=("axes fraction", "data"), xytext=(1.02, y),
-                        textcoords=("axes fraction", "data"), va="center", fontsize=8.5, color="#444444",
-                        arrowprops=dict(arrowstyle="-", color="#bbbbbb", lw=0.8), annotation_clip=False)
+    for (gib, label), y in zip(lines, spread([g for g, _ in lines], top * 0.035)):
+        if gib <= top:
+            axes[1].annotate(label, xy=(1.0, gib), xycoords=("axes fraction", "data"), xytext=(1.02, y),
+                             textcoords=("axes fraction", "data"), va="center", fontsize=8.5, color="#444444",
+                             arrowprops=dict(arrowstyle="-", color="#bbbbbb", lw=0.8), annotation_clip=False)
     handles, labels = axes[0].get_legend_handles_labels()
     mfig.legend(handles, labels, loc="lower center", ncol=len(labels), frameon=False, fontsize=9.5)
-    import textwrap
-
     mfig.suptitle(fig.title, x=0.01, y=0.985, ha="left", fontsize=14)
     mfig.text(0.01, 0.925, textwrap.fill(fig.caption, 150), ha="left", va="top", fontsize=10, color="#333333")
     mfig.tight_layout(rect=(0, 0.05, 0.86, 0.9))
+    for ax, fit in zip(axes, fits):
+        _exit_labels(mfig, ax, fit, top)
     return mfig
 
 
@@ -300,7 +390,8 @@ def figures(rows: Sequence[CapacityRow], curve_model: str | None, profiles_dir) 
         return figs
     name = points[0].model
     caption = ("LoRA r=64 on all linear layers, AdamW. Dotted lines: each card's limit for the peak (total memory "
-               "− headroom). 4-bit climbs faster: prepare_model_for_kbit_training keeps the hidden states in fp32.")
+               "− headroom); a line leaving the top is labelled where it leaves (≥ N GiB: above the whole panel). "
+               "4-bit climbs faster: prepare_model_for_kbit_training keeps the hidden states in fp32.")
     figs.append(Figure("capacity_curves.png", "curves", f"Peak memory of {name} against batch size and sequence "
                        "length", caption, None, {"points": points, "cards": list(cards.values()), "model": name}))
     return figs
