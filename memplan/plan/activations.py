@@ -30,8 +30,8 @@ if TYPE_CHECKING:
     from .setup import TrainSetup
 
 __all__ = ["LayerActivations", "attention_kernel", "layer_activations", "checkpoint_input_per_token",
-           "model_extras_per_token", "logits_bytes", "backward_transient_per_token",
-           "backward_transient_per_token_seq", "dequant_transient_bytes"]
+           "checkpoint_input_shared_per_token", "model_extras_per_token", "full_backward_end", "logits_bytes",
+           "backward_transient_per_token", "backward_transient_per_token_seq", "dequant_transient_bytes"]
 
 
 # Activation functions and how many ffn-sized tensors they save for backward (transformers/activations.py):
@@ -111,6 +111,30 @@ def layer_activations(spec: ModelSpec, setup: TrainSetup) -> LayerActivations:
 def checkpoint_input_per_token(spec: ModelSpec, setup: TrainSetup) -> int:
     """What gradient checkpointing keeps of each layer: its input, one hidden state per token."""
     return spec.hidden_size * float_weight_bytes(setup)
+
+
+def checkpoint_input_shared_per_token(spec: ModelSpec, setup: TrainSetup) -> int:
+    """The part of a checkpointed input that its layer, recomputed in backward, saves again as the same tensor
+    (counted in ``layer_activations`` already): the whole input in pre-norm layers whose first norm saves it
+    as it is, i.e. a LayerNorm (``native_layer_norm`` saves its input), or an RMSNorm whose ``x.to(float32)``
+    is a no-op because the residual stream is fp32. Non-reentrant checkpointing (torch.utils.checkpoint,
+    use_reentrant=False, as transformers 5 calls it) recomputes the layer on the very input tensor it kept, so
+    both are one storage (``memplan simulate``: docs/memory-model.md, "Phases"). 0 for post-norm layers (BERT,
+    OPT with do_layer_norm_before=False: the first norm reads the residual sum, not the input) and for 16-bit
+    RMSNorm, which saves an fp32 copy."""
+    if not _pre_norm(spec):
+        return 0
+    hb = float_weight_bytes(setup)
+    if spec.norm_kind == "rmsnorm" and hb < 4:
+        return 0
+    return spec.hidden_size * hb
+
+
+def _pre_norm(spec: ModelSpec) -> bool:
+    """Every catalog architecture normalises the layer input first, except BERT and post-LN OPT (opt-350m)."""
+    if spec.model_type == "bert":
+        return False
+    return not (spec.model_type == "opt" and spec.config.get("do_layer_norm_before", True) is False)
 
 
 @lru_cache(maxsize=4096)
@@ -242,6 +266,21 @@ def model_extras_per_token(spec: ModelSpec, setup: TrainSetup) -> int:
                 mask = lin.in_features if setup.lora_dropout > 0 else 0
                 per_tok += lin.in_features * ab + mask + setup.rank * lin.lora_rank_multiplier * ab
     return per_tok
+
+
+def full_backward_end(spec: ModelSpec, setup: TrainSetup) -> tuple[int, int, int]:
+    """Full fine-tuning at backward_end, when the last gradient -- the input embedding's -- is made: (activations
+    per token, transient bytes, transient bytes per token). Every layer's saved tensors are gone by then, with
+    or without checkpointing; input_ids and labels remain (2 x 8 B per token). A tied lm_head's gradient waits
+    in autograd's input buffer until the embedding's own arrives and the two are summed into ``.grad``: both
+    addends are alive as that sum is made (2 x its weight's size); untied, what is alive is the gradient of the
+    embedding output, one hidden state per token. ``memplan simulate`` matches these to the byte (opt-350m,
+    bert-large, gemma-2-2b, tinyllama-1.1b; docs/memory-model.md, "Phases")."""
+    b = float_weight_bytes(setup)
+    tied = sum(lin.in_features * lin.out_features for lin in spec.tied_linears)
+    if tied:
+        return 16, 2 * tied * b, 0
+    return 16, 0, spec.hidden_size * b
 
 
 def logits_bytes(spec: ModelSpec, setup: TrainSetup, tokens: int) -> tuple[int, int]:

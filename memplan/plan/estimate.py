@@ -9,7 +9,8 @@ phases, and the breakdown of the phase with the largest total is reported, so co
                        saved log-softmax and all layer activations are still alive (the usual LoRA peak)
 - ``backward``:        backpropagating through the last layer: all saved activations + gradient
                        temporaries of one layer + the dequantized weight of a 4/8-bit matmul
-- ``backward_end``:    all gradients, one layer's activations (the full fine-tuning peak candidate)
+- ``backward_end``:    all gradients; LoRA: one layer's activations; full fine-tuning: the last gradient's
+                       addends (a tied lm_head's and the embedding's: the full fine-tuning peak candidate)
 - ``optimizer_step``:  all gradients + the optimizer's step temporaries
 
 The terms come from ``weights`` (base weights), ``trainable`` (adapter, gradients, optimizer state),
@@ -30,8 +31,8 @@ from .dtypes import DTYPE_BYTES
 from .optimizers import resolve_optimizer
 from .runtime import ALLOCATOR_OVERHEAD_FRACTION, CUBLAS_WORKSPACE_BYTES, cuda_context_bytes
 from .setup import TrainSetup, resolve_setup
-from .trainable import BNB_MIN_PAGED_SIZE, trainable
-from .weights import load_dtype, static_terms
+from .trainable import BNB_MIN_8BIT_SIZE, BNB_MIN_PAGED_SIZE, trainable
+from .weights import kbit_weights_note, load_dtype, static_terms
 
 if TYPE_CHECKING:
     from memplan.catalog.gpus import GPUSpec
@@ -67,19 +68,26 @@ def estimate_for(spec: ModelSpec, setup: TrainSetup, gpu: GPUSpec | None = None,
     bwd_transient = f.bwd_per_token * tokens + f.bwd_per_token_seq * tokens * setup.seq_len + f.dequant
     if setup.grad_ckpt:
         saved_all = spec.num_layers * ckpt_input_bytes + extras
-        saved_in_backward = saved_all + layer_bytes  # the layer being recomputed
+        # + the layer being recomputed, less its input where the recomputed layer saves that very tensor
+        saved_in_backward = saved_all + layer_bytes - f.ckpt_shared_per_token * tokens
     else:
         saved_all = spec.num_layers * layer_bytes + extras
         saved_in_backward = saved_all
-    # At the end of backward only the first layer's tensors remain (its checkpointed input, if any).
-    one_layer = (ckpt_input_bytes if setup.grad_ckpt else 0) + layer_bytes + extras
+    # backward_end does not depend on checkpointing (docs/memory-model.md, "Phases"). LoRA: at most the first
+    # layer's tensors remain (its recompute is done; an upper bound, never the LoRA peak). Full fine-tuning: no
+    # layer's, but the last gradient's addends (act.full_backward_end).
+    if setup.method == "full":
+        end_activations = f.end_act_per_token * tokens
+        end_transient = f.end_transient + f.end_transient_per_token * tokens
+    else:
+        end_activations, end_transient = layer_bytes + extras, bwd_transient
 
     ws = CUBLAS_WORKSPACE_BYTES if include_runtime else 0
     phase_dynamic = {
         "forward_end": (saved_all, f.logits_fwd_per_token * tokens, 0, ws),
         "backward_start": (saved_all, f.logits_bwd_per_token * tokens, f.head_grad, ws),
         "backward": (saved_in_backward, 0, f.head_grad, bwd_transient + ws),
-        "backward_end": (one_layer, 0, f.grad_bytes, bwd_transient + ws),
+        "backward_end": (end_activations, 0, f.grad_bytes, end_transient + ws),
         "optimizer_step": (0, 0, f.grad_bytes, f.opt_temp_bytes + ws),
     }
     phases: dict[str, dict[str, int]] = {}
@@ -114,10 +122,14 @@ class _Fixed:
     layer_per_token_seq: int
     extras_per_token: int
     ckpt_per_token: int
+    ckpt_shared_per_token: int
     logits_fwd_per_token: int
     logits_bwd_per_token: int
     bwd_per_token: int
     bwd_per_token_seq: int
+    end_act_per_token: int  # full fine-tuning at backward_end (act.full_backward_end)
+    end_transient: int
+    end_transient_per_token: int
     params: ParamCounts
     notes: tuple[str, ...]
 
@@ -159,8 +171,20 @@ def _compute_fixed(spec: ModelSpec, setup: TrainSetup) -> _Fixed:
     logits_fwd, logits_bwd = act.logits_bytes(spec, setup, 1)  # linear in the tokens
     # Full fine-tuning: the lm_head / tied-embedding gradient is produced with the logits gradient.
     head_grad = spec.vocab_size * spec.hidden_size * DTYPE_BYTES[load_dtype(setup)] if setup.method == "full" else 0
+    end_act, end_transient, end_transient_per_token = act.full_backward_end(spec, setup)
 
     notes: list[str] = []
+    weights_note = kbit_weights_note(spec, setup, static)
+    if weights_note:
+        notes.append(weights_note)
+    small, tensors, small_state = train.fp32_state_tensors(opt)
+    if small and setup.trains_lora:
+        # Real (bitsandbytes optim/optimizer.py: ``p.numel() < min_8bit_size`` -> 32-bit state): why the total
+        # can fall as the rank grows (tests/plan/test_properties.py).
+        notes.append(f"{opt.name} keeps 32-bit state for {small:,} of the {tensors:,} adapter tensors, those under "
+                     f"bitsandbytes' min_8bit_size of {BNB_MIN_8BIT_SIZE:,} values: {format_bytes(small_state)} of "
+                     f"the {format_bytes(base['optimizer_state'])} optimizer state, about 4x their 8-bit size, so "
+                     f"a larger rank can need less memory")
     if setup.bits == 8:
         notes.append("int8 (LLM.int8) memory follows bitsandbytes' CUDA MatMul8bitLt path, not yet calibrated on a GPU")
     if opt.paged:
@@ -177,9 +201,11 @@ def _compute_fixed(spec: ModelSpec, setup: TrainSetup) -> _Fixed:
         layer_per_token=layer.per_token, layer_per_token_seq=layer.per_token_seq,
         extras_per_token=act.model_extras_per_token(spec, setup),
         ckpt_per_token=act.checkpoint_input_per_token(spec, setup),
+        ckpt_shared_per_token=act.checkpoint_input_shared_per_token(spec, setup),
         logits_fwd_per_token=logits_fwd, logits_bwd_per_token=logits_bwd,
         bwd_per_token=act.backward_transient_per_token(spec, setup),
         bwd_per_token_seq=act.backward_transient_per_token_seq(spec, setup),
+        end_act_per_token=end_act, end_transient=end_transient, end_transient_per_token=end_transient_per_token,
         params=ParamCounts(total=spec.total_params(), trainable=train.values, quantized=static.quantized_values),
         notes=tuple(notes),
     )

@@ -71,6 +71,16 @@ class Trainable:
         """Optimizer state of every trainable tensor."""
         return optimizer_state_bytes(opt, self.tensors)
 
+    def fp32_state_tensors(self, opt: OptimizerSpec) -> tuple[int, int, int]:
+        """For a bitsandbytes 8-bit optimizer: (tensors kept in 32-bit state because they have fewer than
+        ``BNB_MIN_8BIT_SIZE`` values, all trainable tensors, bytes of that 32-bit state); zeros otherwise.
+        Such tensors cost 8 B of state per value (Adam) instead of about 2: a LoRA rank that puts lora_A/B
+        under the threshold can need more state than a larger one."""
+        if opt.state_bits != 8 or opt.factored:
+            return 0, 0, 0
+        small = tuple((t, n) for t, n in self.tensors if t.numel < BNB_MIN_8BIT_SIZE)
+        return (sum(n for _, n in small), sum(n for _, n in self.tensors), optimizer_state_bytes(opt, small))
+
     def paged_state_bytes(self, opt: OptimizerSpec) -> int:
         """The part of the state a bitsandbytes paged optimizer puts in CUDA managed memory (0 if not paged)."""
         if not opt.paged:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
-from memplan.units import ceil_div, round_up
+from memplan.units import ceil_div, format_bytes, round_up
 
 from .dtypes import DTYPE_BYTES
 from .runtime import CUDA_BLOCK_BYTES
@@ -26,8 +26,8 @@ if TYPE_CHECKING:
 
     from .setup import TrainSetup
 
-__all__ = ["StaticTerms", "static_terms", "all_linears", "load_dtype", "float_weight_bytes", "NF4_BLOCK",
-           "DQ_BLOCK", "NF4_CODE_VALUES", "DQ_CODE_VALUES"]
+__all__ = ["StaticTerms", "static_terms", "all_linears", "load_dtype", "float_weight_bytes", "kbit_weights_note",
+           "NF4_BLOCK", "DQ_BLOCK", "NF4_CODE_VALUES", "DQ_CODE_VALUES"]
 
 # bitsandbytes 0.50 4-bit (bitsandbytes/functional.py quantize_4bit): blocks of 64 values, one absmax per
 # block (fp32; with double quant: uint8, plus one fp32 absmax per 256 blocks, a 256-entry fp32 code and an fp32
@@ -104,3 +104,33 @@ def _static_terms(spec: ModelSpec, bits: int, dtype: str, quant_type: str, doubl
             packed += mult * round_up(n, CUDA_BLOCK_BYTES)
             consts += mult * round_up(lin.num_experts * lin.out_features * 4, CUDA_BLOCK_BYTES)
     return StaticTerms(weights, packed, consts, quantized_values)
+
+
+def kbit_weights_note(spec: ModelSpec, setup: TrainSetup, static: StaticTerms) -> str | None:
+    """Why a 4/8-bit setup's base weights outweigh the same model's 16-bit weights, when they do (else None).
+
+    Two causes, both real: the float rest (embeddings, lm_head, norms, biases) held in fp32, by
+    prepare_model_for_kbit_training's upcast (or an fp32 compute dtype), which outweighs the quantization's
+    saving on models whose embeddings are a large share (bloom-560m, qwen2.5-0.5b, bert); and linears bitsandbytes
+    does not quantize (it replaces exact ``nn.Linear`` / ``Conv1D`` modules only: Falcon's ``FalconLinear``
+    stays float, so falcon-7b needs more at 4 and 8 bits than at 16)."""
+    if setup.bits not in (4, 8):
+        return None
+    base = static.weights + static.quantized + static.quant_constants
+    total = spec.total_params()
+    at_16 = total * 2
+    if base <= at_16:
+        return None
+    float_values = total - static.quantized_values
+    share = static.quantized_values / total
+    why = []
+    if share < 0.5:
+        why.append(f"bitsandbytes quantizes {'none' if not share else f'only {share:.0%}'} of this model's weights "
+                   f"(it replaces exact nn.Linear / Conv1D modules only)")
+    if float_weight_bytes(setup) == 4:
+        by = "prepare_model_for_kbit_training's fp32 upcast" if setup.upcast_non_quantized else "loading in fp32"
+        what = "values" if share < 0.5 else f"values ({1 - share:.0%} of the model: embeddings, lm_head, norms, biases)"
+        why.append(f"{by} holds the {float_values:,} {what} bitsandbytes leaves in float in "
+                   f"{format_bytes(static.weights)} instead of {format_bytes(float_values * 2)}")
+    return (f"the {setup.bits}-bit base weights ({format_bytes(base)}) are larger than the same model's 16-bit "
+            f"weights ({format_bytes(at_16)}): " + "; ".join(why or ["the quantization constants"]))
