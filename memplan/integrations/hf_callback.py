@@ -11,7 +11,8 @@ there with ``WontFitError``, before the first step.
 
 With ``record_dir`` (opt-in) it also measures the run and writes one run record in ``memplan profile``'s
 format (``memplan.measure.runs``, schema 1) when training ends, so every real training run becomes validation data for
-``memplan validate``:
+``memplan validate``. The folder is created and checked at ``on_train_begin``, before the first step: one that is
+a file or cannot be written is a ``ConfigError`` there, not after the run. What it records:
 
 - phases per optimizer step, as ``memplan profile`` names them: ``forward`` (the model's forward: a forward
   pre-hook and hook on the model, training mode only, so evaluation is not counted), ``backward`` (from the end
@@ -40,10 +41,11 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from memplan.errors import MemplanError
+from memplan.errors import ConfigError, MemplanError
+from memplan.fileio import prepare_output_dir
 from memplan.measure.runs import RunRecord, save_run
 from memplan.plan.setup import describe_setup
-from memplan.units import format_gib
+from memplan.units import GiB, format_bytes, format_gib
 
 __all__ = ["MemplanCallback"]
 
@@ -96,11 +98,22 @@ class MemplanCallback(TrainerCallback):
             self._say(f"estimated peak {format_gib(e.total_bytes, 2)} at {e.peak_phase.replace('_', ' ')} {verdict}; "
                       f"plan: {describe_setup(e.setup)}")
         if self.record_dir is not None:
+            self._prepare_record_dir()  # now, not when training is over and the record cannot be written
             self._run = _Recording(self, model, args)
             self._run.start()
             self._run.watch_optimizer(kwargs.get("optimizer"))
             self._prev_excepthook = sys.excepthook
             sys.excepthook = self._excepthook
+
+    def _prepare_record_dir(self) -> None:
+        """Create ``record_dir`` and check that it is a folder this process can write into (ConfigError)."""
+        where = f"MemplanCallback(record_dir={str(self.record_dir)!r})"
+        if self.record_dir.exists() and not self.record_dir.is_dir():
+            raise ConfigError(f"{where}: is a file, not a folder; give record_dir the folder to write run records in")
+        try:
+            self.record_dir = prepare_output_dir(self.record_dir)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
 
     def on_step_begin(self, args, state, control, **kwargs):
         if self._run is not None:
@@ -161,7 +174,7 @@ class MemplanCallback(TrainerCallback):
         self.record_path = save_run(self.record, self.record_dir)
         if self.verbose:
             peak = self.record.peak or {}
-            measured = ", ".join(f"{label} {format_gib(peak[key], 2)}" for key, label in (
+            measured = ", ".join(f"{label} {_size(peak[key])}" for key, label in (
                 ("max_reserved_bytes", "peak reserved"), ("max_allocated_bytes", "peak allocated"),
                 ("tensor_peak_bytes", "tensor peak")) if peak.get(key))
             self._say(f"run record ({outcome}) {self.record_path}: {measured or 'no peak measured'}")
@@ -169,6 +182,11 @@ class MemplanCallback(TrainerCallback):
     @staticmethod
     def _say(text: str) -> None:
         print(f"memplan: {text}", file=sys.stderr, flush=True)
+
+
+def _size(n: int) -> str:
+    """``12.34 GiB``; below 0.01 GiB (a tiny model on the CPU) ``3.2 MiB``, not ``0.00 GiB``."""
+    return format_gib(n, 2) if n >= GiB // 100 else format_bytes(n)
 
 
 class _Recording:

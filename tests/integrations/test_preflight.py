@@ -370,24 +370,6 @@ def test_callback_record_validates(model_dir, tmp_path):
     assert 0.8 < row.analytic_bytes / row.measured_bytes < 1.25
 
 
-def test_the_readme_training_script_runs(model_dir, tmp_path):
-    """examples/train_qlora.py (the README's training-script example, verbatim) on the CPU: preflight by
-    folder, QLoRA load, Trainer with the callback, a run record."""
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[2]
-    script = root / "examples" / "train_qlora.py"
-    assert script.read_text() in (root / "README.md").read_text()  # the README shows this very file
-    out = subprocess.run([sys.executable, str(script), model_dir, "--seq-len", "32", "--batch-size", "2",
-                          "--steps", "2", "--cpu", "--budget-gib", "1"], cwd=tmp_path, capture_output=True, text=True,
-                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "memplan: peak" in out.stdout
-    (record,) = (tmp_path / "profiles" / "runs").glob("*.json")
-    data = json.loads(record.read_text())
-    assert data["outcome"] == "ok" and data["setup"]["bits"] == 4 and data["setup"]["rank"] == 16
-
-
 def test_device_reading_counts_what_this_process_holds(model_dir, monkeypatch):
     """The free-memory path with torch.cuda answering as an RTX 3090 would (no GPU here: monkeypatched). The
     budget is free + reserved by this process + the card's CUDA-context default - 5% headroom, and the card's
@@ -425,3 +407,49 @@ def test_callback_says_the_plan_and_the_record(model_dir, tmp_path, capsys):
     assert "fits the 931.32 GiB budget (budget_bytes: 1,000,000,000,000 bytes" in err
     assert "GiB): " not in err  # the budget is named once, not "(1.00 GiB): 1.00 GiB"
     assert f"memplan: run record (ok) {cb.record_path}: tensor peak" in err
+
+
+# examples/train_qlora.py, the README's script: tests/integrations/test_example_script.py
+
+
+@pytest.mark.parametrize("where", ["a file", "under a file"])
+def test_callback_record_dir_that_cannot_take_records_fails_before_training(model_dir, tmp_path, where):
+    """record_dir is checked at on_train_begin: a file (or a path under one) is a one-line ConfigError naming
+    it before the first step, not an error after the run when the record cannot be written."""
+    from memplan.errors import ConfigError
+    from memplan.integrations import MemplanCallback
+
+    blocker = tmp_path / "runs"
+    blocker.write_text("not a folder")
+    record_dir = blocker if where == "a file" else blocker / "sub"
+    cb = MemplanCallback(seq_len=32, budget_bytes=BIG, record_dir=record_dir)
+    trainer = _trainer(model_dir, tmp_path, cb)
+    hook = sys.excepthook
+    with pytest.raises(ConfigError) as info:
+        trainer.train()
+    msg = str(info.value)
+    assert "\n" not in msg and f"record_dir={str(record_dir)!r}" in msg
+    assert ("is a file, not a folder" if where == "a file" else "cannot write there") in msg
+    assert "--out" not in msg  # the CLI's flag, not the callback's argument
+    assert trainer.state.global_step == 0 and cb.record_path is None
+    assert sys.excepthook is hook  # no excepthook left chained
+    assert blocker.read_text() == "not a folder"
+
+
+def test_callback_creates_the_record_dir_at_train_begin(model_dir, tmp_path):
+    from transformers import TrainerCallback
+
+    from memplan.integrations import MemplanCallback
+
+    record_dir = tmp_path / "new" / "runs"
+    seen = []
+
+    class Spy(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            seen.append(record_dir.is_dir())
+
+    cb = MemplanCallback(seq_len=32, budget_bytes=BIG, record_dir=record_dir)
+    trainer = _trainer(model_dir, tmp_path, cb, steps=1)
+    trainer.add_callback(Spy())
+    trainer.train()
+    assert seen == [True] and cb.record_path.parent == record_dir
