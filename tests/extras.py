@@ -19,3 +19,28 @@ def require(*modules: str):
 def install_hint(modules) -> str:
     extras = sorted({_EXTRA_OF.get(m, m) for m in modules})
     return f"needs {', '.join(modules)}: pip install -e '.[{','.join(extras)}]'"
+
+
+def run_with_tty_stderr(cmd: list[str], timeout: float = 120) -> tuple[int, str, bytes]:
+    """Run ``cmd`` with stdout to a pipe and stderr to a pseudo-terminal, as a user's shell does when stdout is
+    redirected: (exit status, stdout, what the terminal showed)."""
+    import os
+    import pty
+    import subprocess
+
+    master, slave = pty.openpty()
+    try:
+        p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=slave, text=True, timeout=timeout)
+    finally:
+        os.close(slave)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO: the terminal's other end is closed and drained
+            break
+        if not chunk:
+            break
+        seen += chunk
+    os.close(master)
+    return p.returncode, p.stdout, seen

@@ -26,6 +26,7 @@ __all__ = [
     "list_gpus",
     "load_gpu",
     "as_gpu",
+    "card_label",
     "custom_gpu",
     "detect_local_gpu",
     "gpu_from_device",
@@ -89,10 +90,15 @@ class GPUSpec:
     @property
     def label(self) -> str:
         """Short display name: ``RTX 3090`` for ``NVIDIA GeForce RTX 3090``."""
-        words = self.name.split()
-        while len(words) > 1 and words[0].lower() in _VENDOR_PREFIXES:
-            words = words[1:]
-        return " ".join(words)
+        return card_label(self.name)
+
+
+def card_label(name: str) -> str:
+    """A card's name without the vendor and brand words: ``RTX 3090`` for ``NVIDIA GeForce RTX 3090``."""
+    words = name.split()
+    while len(words) > 1 and words[0].lower() in _VENDOR_PREFIXES:
+        words = words[1:]
+    return " ".join(words)
 
 
 def normalize_gpu_name(name: str) -> str:

@@ -1,7 +1,7 @@
 """The ``memplan`` command: thin wiring over the library. One parser and one run function per subcommand, in a
 module per wing (``plan_cmds``, ``measure_cmds``, ``report_cmds``); flags, choices and defaults of the setup
-knobs come from ``memplan.plan.setup.KNOBS``. Bad input exits 2 with one line on stderr; ``fit`` exits 1 when
-nothing fits."""
+knobs come from ``memplan.plan.setup.KNOBS``. Exit statuses (the top-level help lists them): 0 done, 1
+nothing fits (``fit``, ``estimate --gpu``), 2 bad input with one line on stderr, 130 interrupted."""
 
 from __future__ import annotations
 
@@ -40,6 +40,12 @@ def build_parser(argv: Sequence[str] | None = None) -> Parser:
               memplan gpus
               memplan fit --config axolotl.yml --gpu 4090 --free batch_size
               memplan report capacity --format md,html
+
+            exit status:
+              0    done; fit found a plan; estimate --gpu: the setup fits
+              1    fit: nothing fits; estimate --gpu: the setup does not fit the card
+              2    bad input (one line on stderr naming the value and what is allowed)
+              130  interrupted (Ctrl-C); profile keeps the finished records and the interrupted one
             """),
     )
     from memplan import __version__

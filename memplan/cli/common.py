@@ -170,3 +170,41 @@ def console():
 
 def print_json(obj) -> None:
     sys.stdout.write(json.dumps(obj, indent=2) + "\n")
+
+
+def spinner(text: str):
+    """A spinner with ``text`` on stderr while the block runs, when stderr is a terminal (stdout, and --json,
+    stay clean; a pipe or a log file gets nothing)."""
+    from contextlib import nullcontext
+
+    if not sys.stderr.isatty():
+        return nullcontext()
+    from rich.console import Console
+
+    return Console(stderr=True).status(text)
+
+
+class ProgressBar:
+    """A progress bar on stderr while the block runs, when stderr is a terminal; ``update(done, total, text)``
+    moves it (a no-op otherwise)."""
+
+    def __init__(self, text: str):
+        self.text, self._bar, self._task = text, None, None
+
+    def __enter__(self) -> ProgressBar:
+        if sys.stderr.isatty():
+            from rich.console import Console
+            from rich.progress import Progress
+
+            self._bar = Progress(console=Console(stderr=True), transient=True)
+            self._bar.__enter__()
+            self._task = self._bar.add_task(self.text, total=None)
+        return self
+
+    def update(self, done: int, total: int, text: str | None = None) -> None:
+        if self._bar is not None:
+            self._bar.update(self._task, completed=done, total=total, description=text or self.text)
+
+    def __exit__(self, *exc) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(*exc)

@@ -9,7 +9,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from .common import add_knobs, console, print_json, setup_from_args
+from .common import add_knobs, console, print_json, setup_from_args, spinner
 
 __all__ = ["add_parsers"]
 
@@ -80,7 +80,7 @@ def run_simulate(args: argparse.Namespace) -> int:
     resolved = resolve_setup(setup, spec, gpu)
     from memplan.measure.simulate import simulate
 
-    with _progress(f"simulating {spec.name}: building the model on fake tensors and running {args.steps} step(s)"):
+    with spinner(f"simulating {spec.name}: building the model on fake tensors and running {args.steps} step(s)"):
         result = simulate(resolved, steps=args.steps, device_semantics=args.device_semantics, gpu=gpu,
                           profiles_dir=args.profiles)
     analytic = estimate_for(spec, resolved, gpu, include_runtime=False) if args.compare else None
@@ -95,17 +95,6 @@ def run_simulate(args: argparse.Namespace) -> int:
 
     console().print(simulation_view(result, analytic))
     return 0
-
-
-def _progress(text: str):
-    """A spinner with ``text`` on stderr while the block runs, when stderr is a terminal (stdout stays clean)."""
-    from contextlib import nullcontext
-
-    if not sys.stderr.isatty():
-        return nullcontext()
-    from rich.console import Console
-
-    return Console(stderr=True).status(text)
 
 
 def run_profile(args: argparse.Namespace) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from memplan.plan.search import DEFAULT_MAX_BATCH
+from memplan.plan.search import DEFAULT_MAX_BATCH, DEFAULT_PREFER, PREFERENCES
 
 from .common import add_config_args, add_knobs, console, print_config, print_json, setup_with_configs
 
@@ -37,6 +37,10 @@ def add_parsers(sub) -> None:
                    help="fraction of the card's memory kept free (default 0.05)")
     p.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH,
                    help=f"largest micro-batch to consider (default {DEFAULT_MAX_BATCH})")
+    p.add_argument("--prefer", choices=PREFERENCES, default=DEFAULT_PREFER,
+                   help="what the ranking puts first: balanced (QLoRA before LLM.int8, then the fastest step), "
+                        "quality (the most precise weights, largest rank), speed (the shortest expected step "
+                        f"time), memory (the lowest peak); default {DEFAULT_PREFER} (docs/step-time.md)")
     add_knobs(p, searched=True)
     add_config_args(p, fit=True)
     p.set_defaults(func=run_fit)
@@ -91,7 +95,7 @@ def run_fit(args: argparse.Namespace) -> int:
 
     setup, pinned, report = setup_with_configs(args)
     result = fit(setup, args.gpu, headroom=args.headroom, pinned=pinned, max_batch=args.max_batch,
-                 profiles_dir=args.profiles)
+                 prefer=args.prefer, profiles_dir=args.profiles)
     if args.json:
         print_json({**result.to_dict(), **({"config": report.to_dict()} if report else {})})
     else:
@@ -114,12 +118,18 @@ def run_models(args: argparse.Namespace) -> int:
         return 0
     from rich.table import Table
 
+    out = console()
+    wide = out.width >= 120  # aliases as a column only where they fit; --json always lists them
     t = Table(box=None, pad_edge=False)
-    for col in ("id", "family", "params", "hf id", "aliases"):
-        t.add_column(col, justify="right" if col == "params" else "left")
+    for col in ("id", "family", "params", "hf id", *(("aliases",) if wide else ())):
+        t.add_column(col, justify="right" if col == "params" else "left", overflow="fold")
     for m in sorted(models, key=lambda m: (m.family, m.exact_params)):
-        t.add_row(m.id, m.family, f"{m.exact_params / 1e9:.2f}B", m.hf_id or "", ", ".join(m.aliases))
-    console().print(t)
+        t.add_row(m.id, m.family, f"{m.exact_params / 1e9:.2f}B", m.hf_id or "",
+                  *((", ".join(m.aliases),) if wide else ()))
+    out.print(t)
+    out.print("A model is named by its id, its hf id (with or without the org) or an alias, in any case"
+              + ("" if wide else " (aliases: memplan models --json)") + "; or give a config.json path or folder.",
+              style="dim")
     return 0
 
 
@@ -131,6 +141,7 @@ def run_gpus(args: argparse.Namespace) -> int:
     gpus = list_gpus(profiles_dir=args.profiles)
     if args.json:
         print_json([{"id": g.id, "name": g.name, "aliases": list(g.aliases), "total_bytes": g.total_bytes,
+                     "budget_bytes": Budget.for_gpu(g, headroom).limit_bytes,
                      "usable_bytes": Budget.for_gpu(g, headroom).usable_bytes,
                      "cuda_context_bytes": g.cuda_context_bytes, "compute_capability": g.compute_capability,
                      "bf16": g.bf16, "family": g.family, "source": g.source} for g in gpus])
@@ -139,11 +150,24 @@ def run_gpus(args: argparse.Namespace) -> int:
 
     from memplan.units import GiB
 
+    out = console()
+    wide = out.width >= 120  # id and every alias as columns only where they fit; --json always lists them
     t = Table(box=None, pad_edge=False)
-    for col in ("id", "name", "total GiB", "usable GiB", "cc", "bf16", "aliases"):
-        t.add_column(col, justify="right" if "GiB" in col else "left")
+    cols = ("id", "card", "total", "budget", "context", "cc", "bf16", "aliases") if wide else \
+        ("card", "--gpu", "total", "budget", "context", "cc", "bf16")
+    for col in cols:
+        t.add_column(col, justify="right" if col in ("total", "budget", "context") else "left", overflow="fold")
     for g in sorted(gpus, key=lambda g: g.total_bytes):
-        t.add_row(g.id, g.name, f"{g.total_bytes / GiB:.1f}", f"{Budget.for_gpu(g, headroom).usable_bytes / GiB:.1f}",
-                  g.compute_capability, "yes" if g.bf16 else "no", ", ".join(g.aliases))
-    console().print(t)
+        budget = Budget.for_gpu(g, headroom)
+        numbers = (f"{g.total_bytes / GiB:.2f}", f"{budget.limit_bytes / GiB:.2f}", f"{g.cuda_context_bytes / GiB:.2f}",
+                   g.compute_capability, "yes" if g.bf16 else "no")
+        if wide:
+            t.add_row(g.id, g.label, *numbers, ", ".join(g.aliases))
+        else:  # the shortest name that picks the card
+            t.add_row(g.label, min((g.id, *g.aliases), key=len), *numbers)
+    out.print(t)
+    out.print(f"total, budget and CUDA context in GiB; budget: total - {headroom:.0%} headroom, what a plan's peak "
+              "(its CUDA context included) may reach. --gpu takes the card's id, its name or any alias"
+              + ("" if wide else " (memplan gpus --json)") + "; case, spaces, hyphens and underscores are ignored.",
+              style="dim")
     return 0

@@ -6,7 +6,10 @@ import argparse
 import sys
 import textwrap
 
+from memplan.plan.search import DEFAULT_PREFER, PREFERENCES
 from memplan.reports.capacity import DEFAULT_GPUS, DEFAULT_MODELS, DEFAULT_SEQ_LENS, FITS, FORMATS, require
+
+from .common import ProgressBar, spinner
 
 __all__ = ["add_parsers"]
 
@@ -53,15 +56,15 @@ def add_parsers(subparsers) -> None:
             length, the memory breakdown of each chosen plan on a ~24 GiB card, and peak-memory curves."""),
         epilog=textwrap.dedent("""\
             example:
-              $ memplan report capacity --models llama-3.1-8b,llama-3.1-70b --gpus 4090,a100 --format md,html
-              wrote reports/capacity.md
-              wrote reports/capacity.html
-              wrote reports/capacity.csv
-              wrote reports/capacity_heatmap_seq512.png
-              wrote reports/capacity_breakdown_seq512.png
-              wrote reports/capacity_heatmap_seq2048.png
-              wrote reports/capacity_breakdown_seq2048.png
-              wrote reports/capacity_curves.png
+              $ memplan report capacity --models llama-3.1-8b,llama-3.1-70b --gpus 4090,a100 --format md,html --out cap
+              wrote cap/capacity.md
+              wrote cap/capacity.html
+              wrote cap/capacity.csv
+              wrote cap/capacity_heatmap_seq512.png
+              wrote cap/capacity_breakdown_seq512.png
+              wrote cap/capacity_heatmap_seq2048.png
+              wrote cap/capacity_breakdown_seq2048.png
+              wrote cap/capacity_curves.png
               8 model x card x sequence cells, 6 with a plan, in 1.9 s
             """))
     p.add_argument("--models", nargs="+", default=None, metavar="MODEL",
@@ -75,6 +78,8 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--out", default=None, help="report folder (default: a new memplan-capacity-<time>/ here)")
     p.add_argument("--force", action="store_true", help="replace the report files --out already holds")
     p.add_argument("--headroom", type=float, default=None, help="fraction of each card kept free (default 0.05)")
+    p.add_argument("--prefer", choices=PREFERENCES, default=DEFAULT_PREFER,
+                   help=f"the ranking of each cell, as memplan fit --prefer (default {DEFAULT_PREFER})")
     p.add_argument("--curve-model", default=None, help="model of the peak-vs-batch/sequence figure (default: ~8B)")
     p.add_argument("--runs", default=None, metavar="DIR",
                    help="run records to list beside the estimates (default: the catalog's runs/)")
@@ -110,17 +115,22 @@ def _run_capacity(args) -> int:
     out_dir = prepare_output_dir(args.out or fresh_dir_name("memplan-capacity"), force=args.force,
                                  produces=capacity_files(seq_lens, args.format))
     t0 = time.perf_counter()
-    rows = capacity_rows(models, gpus, seq_lens, profiles_dir=args.profiles, headroom=args.headroom)
+    with ProgressBar("capacity: the fit search per cell") as bar:
+        rows = capacity_rows(models, gpus, seq_lens, profiles_dir=args.profiles, headroom=args.headroom,
+                             prefer=args.prefer, progress=bar.update)
     parts = ["memplan", "report", "capacity"]
     for flag, value in (("--models", args.models and ",".join(models)), ("--gpus", args.gpus and ",".join(gpus)),
                         ("--seq-len", args.seq_len and ",".join(map(str, seq_lens))),
-                        ("--headroom", args.headroom), ("--curve-model", args.curve_model),
+                        ("--headroom", args.headroom),
+                        ("--prefer", args.prefer if args.prefer != DEFAULT_PREFER else None),
+                        ("--curve-model", args.curve_model),
                         ("--format", ",".join(args.format)), ("--out", str(out_dir))):
         if value is not None:
             parts += [flag, str(value)]
     command = shlex.join(parts)
-    paths = write_capacity_report(rows, out_dir, args.format, command=command, curve_model=args.curve_model,
-                                  profiles_dir=args.profiles, runs_dir=args.runs)
+    with spinner(f"capacity: drawing the figures and writing {out_dir}"):
+        paths = write_capacity_report(rows, out_dir, args.format, command=command, curve_model=args.curve_model,
+                                      profiles_dir=args.profiles, runs_dir=args.runs)
     for path in paths:
         print(f"wrote {path}")
     fits = sum(r.status == FITS for r in rows)

@@ -14,6 +14,7 @@ from memplan.errors import InvalidSetupError
 
 from .estimate import Estimate, estimate_for
 from .setup import TrainSetup, resolve_setup
+from .speed import step_time
 
 if TYPE_CHECKING:
     from memplan.catalog.gpus import GPUSpec
@@ -40,8 +41,8 @@ class Change:
 def smallest_changes(spec: ModelSpec, setup: TrainSetup, gpu: GPUSpec | None, budget: Budget) -> tuple[Change, ...]:
     """The single changes to a resolved ``setup`` after which it fits ``budget``, least disruptive first: a
     smaller micro-batch (the largest that fits; gradient accumulation keeps the effective batch, so the
-    optimisation is unchanged), gradient checkpointing (~30%
-    slower, same result), a paged 8-bit optimizer (bitsandbytes' 8-bit AdamW: near-identical training, state
+    optimisation is unchanged), gradient checkpointing (one more forward per step: ``memplan.plan.speed``; same
+    result), a paged 8-bit optimizer (bitsandbytes' 8-bit AdamW: near-identical training, state
     paged to host memory under pressure), then lower precision of the frozen weights (8-bit, then 4-bit NF4 +
     double quant: a change of the model being tuned). Empty when no single change is enough; then
     ``memplan.plan.search.fit_for`` with nothing pinned but the sequence length is the answer."""
@@ -77,7 +78,8 @@ def smallest_changes(spec: ModelSpec, setup: TrainSetup, gpu: GPUSpec | None, bu
                               f"micro-batch {setup.batch_size} -> {b} with gradient_accumulation_steps "
                               f"x{setup.batch_size // b} (the same effective batch{largest})"))
     if not setup.grad_ckpt:
-        add({"grad_ckpt": True}, "gradient checkpointing on (recomputes the forward: ~30% slower)")
+        slower = step_time(replace(setup, grad_ckpt=True)).factor / step_time(setup).factor
+        add({"grad_ckpt": True}, f"gradient checkpointing on (one more forward per step: ~{slower:.2f}x the step time)")
     if setup.optimizer not in ("paged_adamw_8bit", "paged_adam_8bit", "paged_lion_8bit", "sgd"):
         add({"optimizer": "paged_adamw_8bit"}, f"optimizer {setup.optimizer} -> paged_adamw_8bit (bitsandbytes)")
     if setup.method != "full":

@@ -1,13 +1,18 @@
 """The search: the best fine-tuning setup that fits a budget, the alternatives, and what the next step up costs.
 
-Ranking rule (stated in the README; every knob can be pinned):
-1. higher precision of the base weights (16 > 8 > 4 bits),
-2. larger LoRA rank (64 > 32 > 16 > 8),
-3. adapters on all linear layers over the model's default targets (QLoRA, Dettmers et al. 2023, §4: adapting
-   every linear layer is what matches full fine-tuning quality),
-4. the largest micro-batch that fits (powers of two up to ``max_batch``),
-5. no gradient checkpointing over checkpointing (checkpointing recomputes the forward, ~30% slower),
-6. the optimizer in the order: adamw_torch, adamw_bnb_8bit, paged_adamw_8bit (exact first, paged last).
+The search tries every combination of the free knobs (bits x rank x targets x checkpointing x optimizer, each at
+the largest micro-batch that fits) and ranks the plans that fit by what the user prefers (``PREFERENCES``; the
+README and docs/step-time.md state each rule; every knob can be pinned):
+
+- ``balanced`` (default, what practitioners pick): 16-bit, then 4-bit NF4 (QLoRA), then LLM.int8; adapters on
+  all linear layers; then the shortest expected step time (``memplan.plan.speed``); then rank, batch, optimizer;
+- ``quality``: 16 > 8 > 4 bits; all linear layers; rank; step time; batch; optimizer;
+- ``speed``: the shortest step time; batch; then as quality;
+- ``memory``: the lowest peak, each combination at the smallest micro-batch (1, or the pinned one) rather than
+  the largest that fits; then as quality.
+
+The optimizer order is adamw_torch, adamw_bnb_8bit, paged_adamw_8bit (exact first, paged last). QLoRA (Dettmers
+et al. 2023, §4): adapting every linear layer is what matches full fine-tuning quality; the rank does not.
 
 A plan fits when its estimated peak, CUDA context included, is within the ``Budget``
 (``memplan.plan.budget``): for a card, its total memory minus the headroom.
@@ -23,6 +28,7 @@ from memplan.errors import InvalidSetupError, UnknownGPUError
 from .budget import Budget, check_headroom
 from .estimate import Estimate, estimate_for
 from .setup import TrainSetup, resolve_setup, sequence_limit
+from .speed import step_time
 
 if TYPE_CHECKING:
     from memplan.catalog.gpus import GPUSpec
@@ -31,12 +37,27 @@ if TYPE_CHECKING:
     from .changes import Change
 
 __all__ = ["FitResult", "NextStep", "fit", "fit_for", "smallest_gpu", "SEARCH_BITS", "SEARCH_RANKS",
-           "SEARCH_OPTIMIZERS", "DEFAULT_MAX_BATCH"]
+           "SEARCH_OPTIMIZERS", "DEFAULT_MAX_BATCH", "PREFERENCES", "DEFAULT_PREFER", "PREFERENCE_RULES"]
 
 SEARCH_BITS = (16, 8, 4)
 SEARCH_RANKS = (64, 32, 16, 8)
 SEARCH_OPTIMIZERS = ("adamw_torch", "adamw_bnb_8bit", "paged_adamw_8bit")
 DEFAULT_MAX_BATCH = 64
+PREFERENCES = ("balanced", "quality", "speed", "memory")
+DEFAULT_PREFER = "balanced"
+# What each preference puts first, in order (``_rank_key``); the reports quote these.
+PREFERENCE_RULES = {
+    "balanced": "16-bit base weights, then 4-bit NF4 + double quant (QLoRA), then LLM.int8; adapters on all "
+                "linear layers over the default targets; the shortest expected step time; then the larger rank, "
+                "the larger micro-batch, and the optimizer in the order adamw_torch, adamw_bnb_8bit, "
+                "paged_adamw_8bit",
+    "quality": "higher precision of the base weights (16 > 8 > 4 bits); adapters on all linear layers over the "
+               "default targets; the larger rank; the shortest expected step time; the larger micro-batch; the "
+               "optimizer in the order adamw_torch, adamw_bnb_8bit, paged_adamw_8bit",
+    "speed": "the shortest expected step time; the larger micro-batch; then as quality",
+    "memory": "the lowest peak, every combination at the smallest micro-batch (not the largest that fits); then "
+              "as quality",
+}
 # Upper bound for "longest sequence at batch 1" on rotary / alibi models (Llama-3.1's context is 131072).
 MAX_SEQ_SEARCH = 131072
 
@@ -74,6 +95,7 @@ class FitResult:
     # fits (``smallest_changes``), so that a --config user learns what to change or --free.
     changes: tuple[Change, ...] = ()
     max_batch: int = DEFAULT_MAX_BATCH  # the largest micro-batch the search tried
+    prefer: str = DEFAULT_PREFER  # what the ranking put first (PREFERENCES)
 
     @property
     def budget_bytes(self) -> int:
@@ -86,8 +108,12 @@ class FitResult:
         return self.budget.usable_bytes
 
     def to_dict(self) -> dict:
+        def plan(e: Estimate) -> dict:
+            return {**e.to_dict(), "relative_step_time": step_time(e.setup).factor}
+
         return {
             "model": self.model,
+            "prefer": self.prefer,
             "gpu": {
                 "name": self.gpu.name,
                 "id": self.gpu.id,
@@ -97,8 +123,8 @@ class FitResult:
                 "budget_bytes": self.budget_bytes,
                 "usable_bytes": self.usable_bytes,
             },
-            "recommended": self.recommended.to_dict() if self.recommended else None,
-            "alternatives": [e.to_dict() for e in self.alternatives],
+            "recommended": plan(self.recommended) if self.recommended else None,
+            "alternatives": [plan(e) for e in self.alternatives],
             "next_batch": None if self.next_batch is None else {
                 "estimate": self.next_batch.estimate.to_dict(),
                 "shortfall_bytes": self.next_batch.shortfall_bytes,
@@ -116,7 +142,7 @@ class FitResult:
 
 
 def fit(setup: TrainSetup, gpu: GPUSpec | str, *, headroom: float | None = None, pinned: frozenset[str] = frozenset(),
-        max_batch: int = DEFAULT_MAX_BATCH, profiles_dir=None) -> FitResult:
+        max_batch: int = DEFAULT_MAX_BATCH, prefer: str = DEFAULT_PREFER, profiles_dir=None) -> FitResult:
     """Search the best plan for ``setup.model`` on ``gpu``. Fields named in ``pinned`` keep ``setup``'s value."""
     from memplan.catalog.gpus import as_gpu
     from memplan.catalog.models import load_model
@@ -125,7 +151,7 @@ def fit(setup: TrainSetup, gpu: GPUSpec | str, *, headroom: float | None = None,
     gpu_spec = as_gpu(gpu, profiles_dir=profiles_dir)
     if gpu_spec is None:
         raise UnknownGPUError("fit needs a card or a budget (gpu='3090', '24GiB'), got None")
-    return fit_for(spec, setup, gpu_spec, headroom=headroom, pinned=pinned, max_batch=max_batch,
+    return fit_for(spec, setup, gpu_spec, headroom=headroom, pinned=pinned, max_batch=max_batch, prefer=prefer,
                    profiles_dir=profiles_dir)
 
 
@@ -164,18 +190,48 @@ class _Searcher:
         return best
 
 
-def _rank_key(e: Estimate) -> tuple:
-    s = e.setup
-    targets_pref = 1 if s.targets == "all-linear" else 0
-    opt_pref = -SEARCH_OPTIMIZERS.index(s.optimizer) if s.optimizer in SEARCH_OPTIMIZERS else 0
-    return (s.bits, s.rank if s.method != "full" else 0, targets_pref, s.batch_size, not s.grad_ckpt, opt_pref)
+# Base-weight precision as each preference orders it (higher first). Balanced: QLoRA's NF4 before LLM.int8, as
+# practitioners pick (docs/step-time.md, "How fit uses it").
+_QUALITY_BITS = {32: 4, 16: 3, 8: 2, 4: 1}
+_BALANCED_BITS = {32: 4, 16: 3, 4: 2, 8: 1}
+
+
+def _rank_key(prefer: str):
+    """The sort key (larger is better) of a preference."""
+    def parts(e: Estimate) -> dict:
+        s = e.setup
+        return {"targets": 1 if s.targets == "all-linear" else 0,
+                "rank": s.rank if s.method != "full" else 0,
+                "time": -step_time(s).factor,
+                "batch": s.batch_size,
+                "optimizer": -SEARCH_OPTIMIZERS.index(s.optimizer) if s.optimizer in SEARCH_OPTIMIZERS else 0,
+                "quality_bits": _QUALITY_BITS.get(s.bits, 0),
+                "balanced_bits": _BALANCED_BITS.get(s.bits, 0),
+                "memory": -e.total_bytes}
+
+    orders = {
+        "balanced": ("balanced_bits", "targets", "time", "rank", "batch", "optimizer"),
+        "quality": ("quality_bits", "targets", "rank", "time", "batch", "optimizer"),
+        "speed": ("time", "batch", "quality_bits", "targets", "rank", "optimizer"),
+        "memory": ("memory", "quality_bits", "targets", "rank", "time", "optimizer"),
+    }
+    order = orders[prefer]
+
+    def key(e: Estimate) -> tuple:
+        p = parts(e)
+        return tuple(p[name] for name in order)
+
+    return key
 
 
 def fit_for(spec: ModelSpec, setup: TrainSetup, gpu: GPUSpec | None, *, budget: Budget | None = None,
             headroom: float | None = None, pinned: frozenset[str] = frozenset(),
-            max_batch: int = DEFAULT_MAX_BATCH, profiles_dir=None) -> FitResult:
+            max_batch: int = DEFAULT_MAX_BATCH, prefer: str = DEFAULT_PREFER, profiles_dir=None) -> FitResult:
     """The search for a resolved model ``spec``. ``budget`` defaults to ``gpu``'s total minus ``headroom``;
-    ``gpu`` (a card, or None) decides the CUDA context and the dtypes and kernels the card supports."""
+    ``gpu`` (a card, or None) decides the CUDA context and the dtypes and kernels the card supports;
+    ``prefer`` (one of ``PREFERENCES``) what the ranking puts first."""
+    if prefer not in PREFERENCES:
+        raise InvalidSetupError(f"invalid preference {prefer!r}; allowed: {', '.join(PREFERENCES)}")
     headroom = check_headroom(headroom)
     if budget is None:
         budget = Budget.for_gpu(gpu, headroom)
@@ -205,6 +261,7 @@ def fit_for(spec: ModelSpec, setup: TrainSetup, gpu: GPUSpec | None, *, budget: 
         batches = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512) if b <= max_batch]
 
     best_by_combo: list[Estimate] = []
+    at_smallest_batch: list[Estimate] = []  # what ``memory`` ranks: each combination at the smallest batch
     leanest: Estimate | None = None
     first_error: InvalidSetupError | None = None
     for bits in bits_values:
@@ -226,17 +283,21 @@ def fit_for(spec: ModelSpec, setup: TrainSetup, gpu: GPUSpec | None, *, budget: 
                         if leanest is None or at_one.total_bytes < leanest.total_bytes:
                             leanest = at_one
                         if s.fits(at_one):
-                            best_by_combo.append(s.max_batch(resolved, batches) or at_one)
+                            at_smallest_batch.append(at_one)
+                            if prefer != "memory":
+                                best_by_combo.append(s.max_batch(resolved, batches) or at_one)
     if leanest is None:  # no combination of the searched knobs can run: a bad value the user gave
         raise first_error
 
+    if prefer == "memory":
+        best_by_combo = at_smallest_batch
     if not best_by_combo:
         changes = _pinned_changes(spec, leanest.setup, gpu, budget, pinned)
         return FitResult(spec.name, gpu, headroom, budget, None, (), None, None,
                          smallest_gpu(spec, leanest.setup, headroom, profiles_dir), leanest, s.evaluated,
-                         changes=changes)
+                         changes=changes, max_batch=batches[-1], prefer=prefer)
 
-    ranked = sorted(best_by_combo, key=_rank_key, reverse=True)
+    ranked = sorted(best_by_combo, key=_rank_key(prefer), reverse=True)
     recommended = ranked[0]
     alternatives = _alternatives(recommended, ranked)
 
@@ -249,7 +310,8 @@ def fit_for(spec: ModelSpec, setup: TrainSetup, gpu: GPUSpec | None, *, budget: 
     limit = sequence_limit(spec)
     max_seq = s.max_seq(recommended.setup, limit or max(MAX_SEQ_SEARCH, spec.max_position_embeddings or 0))
     return FitResult(spec.name, gpu, headroom, budget, recommended, alternatives, next_batch, max_seq, None,
-                     leanest, s.evaluated, max_seq_len_is_model_limit=max_seq == limit, max_batch=batches[-1])
+                     leanest, s.evaluated, max_seq_len_is_model_limit=max_seq == limit, max_batch=batches[-1],
+                     prefer=prefer)
 
 
 def _pinned_changes(spec: ModelSpec, leanest: TrainSetup, gpu: GPUSpec | None, budget: Budget,

@@ -10,7 +10,7 @@ budget) over a grid and returns plain frozen dataclasses; ``capacity_frame`` tur
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,6 +57,7 @@ class CapacityRow:
     gpu_total_bytes: int
     usable_bytes: int  # total - CUDA context - headroom
     budget_bytes: int  # total - headroom: what a peak (CUDA context included) may reach
+    prefer: str = "balanced"  # the ranking the search used (memplan.plan.search.PREFERENCES)
     bits: int | None = None
     quant: str | None = None  # "bf16" / "fp16" (16-bit), "int8" (LLM.int8), "nf4+dq" / "nf4" / "fp4" (4-bit)
     rank: int | None = None
@@ -103,22 +104,24 @@ def _check_seq_len(value) -> int:
     return value
 
 
-def _fit_row(spec, gpu, seq_len: int, headroom: float, labels: dict[str, str], profiles_dir) -> CapacityRow:
+def _fit_row(spec, gpu, seq_len: int, headroom: float, labels: dict[str, str], profiles_dir,
+             prefer: str) -> CapacityRow:
     from memplan.plan.budget import Budget
     from memplan.plan.search import fit_for
     from memplan.plan.setup import TrainSetup, sequence_limit
 
     budget = Budget.for_gpu(gpu, headroom)
     base = dict(model=spec.name, model_params=spec.total_params(), gpu=gpu.label, gpu_id=gpu.id, seq_len=seq_len,
-                gpu_total_bytes=gpu.total_bytes, usable_bytes=budget.usable_bytes, budget_bytes=budget.limit_bytes)
+                gpu_total_bytes=gpu.total_bytes, usable_bytes=budget.usable_bytes, budget_bytes=budget.limit_bytes,
+                prefer=prefer)
     limit = sequence_limit(spec)  # fit refuses these too; the cell gets a short reason
     if limit and seq_len > limit:
         return CapacityRow(status=NOT_APPLICABLE, reason=f"max {limit:,} tokens (max_position_embeddings)",
                            **base)
     try:
-        # Same call as `memplan fit MODEL --gpu GPU --seq-len N` (the flag pins seq_len).
+        # Same call as `memplan fit MODEL --gpu GPU --seq-len N --prefer P` (the flag pins seq_len).
         r = fit_for(spec, TrainSetup(spec.name, seq_len=seq_len), gpu, headroom=headroom,
-                    pinned=frozenset({"seq_len"}), profiles_dir=profiles_dir)
+                    pinned=frozenset({"seq_len"}), prefer=prefer, profiles_dir=profiles_dir)
     except InvalidSetupError as exc:  # e.g. an architecture that cannot run on this card at all
         return CapacityRow(status=NOT_APPLICABLE, reason=str(exc), **base)
     if r.recommended is None:
@@ -134,7 +137,8 @@ def _fit_row(spec, gpu, seq_len: int, headroom: float, labels: dict[str, str], p
 
 
 def capacity_rows(models: Sequence[str], gpus: Sequence[str], seq_lens: Sequence[int], *, profiles_dir=None,
-                  headroom: float | None = None) -> list[CapacityRow]:
+                  headroom: float | None = None, prefer: str = "balanced",
+                  progress: Callable[[int, int, str], None] | None = None) -> list[CapacityRow]:
     """The best plan (``memplan.plan.search.fit_for``) for every sequence length x model x card, in that order.
 
     Args:
@@ -145,10 +149,13 @@ def capacity_rows(models: Sequence[str], gpus: Sequence[str], seq_lens: Sequence
         profiles_dir: another catalog folder.
         headroom: fraction of each card kept free (default ``memplan.plan.budget.DEFAULT_HEADROOM``, as
             ``memplan fit``).
+        prefer: the ranking, as ``memplan fit --prefer`` (``memplan.plan.search.PREFERENCES``).
+        progress: called after each cell with (cells done, cells in all, the cell just done).
 
     Raises:
         UnknownModelError, UnknownGPUError: a name not in the catalog (with close matches).
-        InvalidSetupError: an empty list, a sequence length < 1 or a headroom out of range.
+        InvalidSetupError: an empty list, a sequence length < 1, a headroom out of range or an unknown
+            preference.
     """
     from memplan.catalog.gpus import list_gpus, load_gpu
     from memplan.catalog.models import load_model
@@ -161,18 +168,27 @@ def capacity_rows(models: Sequence[str], gpus: Sequence[str], seq_lens: Sequence
     specs = list({spec.name: spec for spec in (load_model(m, profiles_dir=profiles_dir) for m in models)}.values())
     cards = list({g.id: g for g in (load_gpu(g, profiles_dir=profiles_dir) for g in gpus)}.values())
     headroom = check_headroom(headroom)  # before the grid turns a bad value into n/a cells
+    from memplan.plan.search import PREFERENCES
+    if prefer not in PREFERENCES:
+        raise InvalidSetupError(f"invalid preference {prefer!r}; allowed: {', '.join(PREFERENCES)}")
     labels = {g.name: g.label for g in list_gpus(profiles_dir=profiles_dir)}
-    return [_fit_row(spec, gpu, seq, headroom, labels, profiles_dir) for seq in seqs for spec in specs for gpu in cards]
+    cells = [(seq, spec, gpu) for seq in seqs for spec in specs for gpu in cards]
+    rows = []
+    for seq, spec, gpu in cells:
+        rows.append(_fit_row(spec, gpu, seq, headroom, labels, profiles_dir, prefer))
+        if progress is not None:
+            progress(len(rows), len(cells), f"{spec.name} on {gpu.label} at {seq:,} tokens")
+    return rows
 
 
 def capacity_frame(models: Sequence[str], gpus: Sequence[str], seq_lens: Sequence[int], *, profiles_dir=None,
-                   headroom: float | None = None):
+                   headroom: float | None = None, prefer: str = "balanced"):
     """``capacity_rows`` as a pandas DataFrame: one row per cell, columns ``CSV_COLUMNS`` (bytes, not GiB).
 
     Raises:
         ReportDependencyError: pandas is not installed.
     """
-    rows = capacity_rows(models, gpus, seq_lens, profiles_dir=profiles_dir, headroom=headroom)
+    rows = capacity_rows(models, gpus, seq_lens, profiles_dir=profiles_dir, headroom=headroom, prefer=prefer)
     return _frame(rows)
 
 

@@ -91,29 +91,32 @@ def _summary(rows: Sequence[CapacityRow]) -> str:
             f"{n[FITS]} with a plan, {n[NO_FIT]} where nothing fits, {n[NOT_APPLICABLE]} n/a")
 
 
-_HOW_TO_READ = [
-    "Each cell is the plan `memplan fit MODEL --gpu CARD --seq-len N` recommends (run it for the full breakdown "
-    "and the alternatives). Cell text: base-weight bits (`16b` = bf16/fp16 LoRA, `8b` = LLM.int8, `4b` = QLoRA "
-    "nf4 + double quant), LoRA rank (`r64`), adapter targets (`all-linear`, or the architecture's peft default "
-    "such as `q,v` for q_proj,v_proj), the largest micro-batch (`×8`, powers of two up to 64), `ckpt` when "
-    "gradient checkpointing is on, and `adam8` / `paged8` for bitsandbytes' 8-bit / paged 8-bit AdamW "
-    "(no mark: torch AdamW).",
-    "A plan fits when its estimated peak, CUDA context and allocator overhead included, is at most the card's "
-    "total memory minus the headroom (5% by default). *headroom GiB* is what is left below that limit: the "
-    "card's usable memory (total − CUDA context − headroom) minus what the plan asks of torch's allocator.",
-    "Among the plans that fit, memplan prefers, in order: higher precision of the base weights (16 > 8 > 4 "
-    "bits); a larger LoRA rank (64 > 32 > 16 > 8); adapters on all linear layers over the default targets; the "
-    "largest micro-batch; no gradient checkpointing over checkpointing; the optimizer in the order adamw_torch, "
-    "adamw_bnb_8bit, paged_adamw_8bit. So the cell shows the most precise setup that fits, then the biggest "
-    "adapter, then the biggest batch: a 4b cell means 8- and 16-bit do not fit at all.",
-    "`— (needs X)`: nothing fits; X is the smallest catalog card (of all of `memplan gpus`, not only the "
-    "columns) on which the leanest plan searched fits (usually 4-bit, r8, default targets, batch 1, "
-    "checkpointing, an 8-bit optimizer); *peak GiB* then shows that leanest plan's peak. `n/a`: the model "
-    "cannot take the sequence length (its max_position_embeddings is shorter).",
-    "The peaks are memplan's analytic estimates, within a few percent of exact tensor-level simulations "
-    "(reports/validation.md). The CUDA context and the allocator overhead are documented defaults not yet "
-    "calibrated on GPUs, one reason for the headroom.",
-]
+def _how_to_read(rows: Sequence[CapacityRow]) -> list[str]:
+    from memplan.plan.search import PREFERENCE_RULES
+
+    prefer = rows[0].prefer if rows else "balanced"
+    return [
+        "Each cell is the plan `memplan fit MODEL --gpu CARD --seq-len N` recommends (run it for the full breakdown "
+        "and the alternatives). Cell text: base-weight bits (`16b` = bf16/fp16 LoRA, `8b` = LLM.int8, `4b` = QLoRA "
+        "nf4 + double quant), LoRA rank (`r64`), adapter targets (`all-linear`, or the architecture's peft default "
+        "such as `q,v` for q_proj,v_proj), the micro-batch (`×8`, powers of two up to 64), `ckpt` when "
+        "gradient checkpointing is on, and `adam8` / `paged8` for bitsandbytes' 8-bit / paged 8-bit AdamW "
+        "(no mark: torch AdamW).",
+        "A plan fits when its estimated peak, CUDA context and allocator overhead included, is at most the card's "
+        "total memory minus the headroom (5% by default). *headroom GiB* is what is left below that limit: the "
+        "card's usable memory (total − CUDA context − headroom) minus what the plan asks of torch's allocator.",
+        f"Among the plans that fit, the search ranks by `--prefer {prefer}`: {PREFERENCE_RULES[prefer]}. Each "
+        "combination is taken at the largest micro-batch that fits (at the smallest with `--prefer memory`). The "
+        "expected step time multiplies memplan's cited factors (its docs/step-time.md): 1.5x for gradient "
+        "checkpointing with LoRA (one more forward per step), 1.3x for 8-bit or 4-bit base weights.",
+        "`— (needs X)`: nothing fits; X is the smallest catalog card (of all of `memplan gpus`, not only the "
+        "columns) on which the leanest plan searched fits (usually 4-bit, r8, default targets, batch 1, "
+        "checkpointing, an 8-bit optimizer); *peak GiB* then shows that leanest plan's peak. `n/a`: the model "
+        "cannot take the sequence length (its max_position_embeddings is shorter).",
+        "The peaks are memplan's analytic estimates, within a few percent of exact tensor-level simulations "
+        "(reports/validation.md). The CUDA context and the allocator overhead are documented defaults not yet "
+        "calibrated on GPUs, one reason for the headroom.",
+    ]
 
 
 _MEASURED_HEADER = ["run", "card", "outcome", "measured GiB", "estimate GiB", "estimate ÷ measured"]
@@ -180,7 +183,7 @@ def markdown(rows: Sequence[CapacityRow], figs: list[Figure], command: str, meas
     if body:
         lines += _md_table(header, body, right=("measured GiB", "estimate GiB", "estimate ÷ measured")) + [""]
     lines += ["## How to read", ""]
-    for para in _HOW_TO_READ:
+    for para in _how_to_read(rows):
         lines += [para, ""]
     return "\n".join(lines)
 
@@ -281,7 +284,7 @@ def html(rows: Sequence[CapacityRow], figs: list[Figure], command: str, measured
     if body:
         parts.append(_html_table(header, body, [["", "", "", "num", "num", "num"] for _ in body]))
     parts.append('<h2 id="how-to-read">How to read</h2>')
-    parts += [f"<p>{_inline_code(escape(p))}</p>" for p in _HOW_TO_READ]
+    parts += [f"<p>{_inline_code(escape(p))}</p>" for p in _how_to_read(rows)]
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
 

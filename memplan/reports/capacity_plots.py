@@ -120,7 +120,9 @@ def _heatmap(plt, fig: Figure):
         ax.spines[side].set_visible(False)
     ax.set_xlabel("GPU (total memory, GiB)")
     ax.set_ylabel("model (parameters)")
-    ax.set_title(f"{fig.title}\ncell: bits ×largest micro-batch, LoRA rank and targets", loc="left")
+    prefer = rows[0].prefer if rows else "balanced"
+    ax.set_title(f"{fig.title}\ncell: bits ×micro-batch, LoRA rank and targets (ranked by --prefer {prefer})",
+                 loc="left")
     kinds = ((16, "16-bit LoRA"), (8, "8-bit LoRA (LLM.int8)"), (4, "4-bit QLoRA (nf4)"), ("no-fit", "does not fit"))
     if any(r.status == "n/a" for r in rows):
         kinds += (("n/a", "n/a (sequence too long)"),)
@@ -375,7 +377,7 @@ def figures(rows: Sequence[CapacityRow], curve_model: str | None, profiles_dir) 
         at_seq = [r for r in rows if r.seq_len == seq]
         figs.append(Figure(f"capacity_heatmap_seq{seq}.png", "heatmap",
                            f"Best plan per model and card, sequence length {seq:,}",
-                           "Colour: the base-weight precision of the best plan; text: bits and the largest "
+                           "Colour: the base-weight precision of the best plan; text: bits and the "
                            "micro-batch.",
                            seq, {"rows": at_seq}))
         figs.append(Figure(f"capacity_breakdown_seq{seq}.png", "breakdown",

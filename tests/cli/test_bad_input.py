@@ -149,7 +149,14 @@ def _argv(argv, files):
     return [a.format(**files) if "{" in a else a for a in argv]
 
 
-@pytest.mark.parametrize("argv, needle", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+# Cases whose bad value is checked after the command's optional packages load (report: matplotlib first;
+# validate: the measurement stack, which it imports before reading a --rescore CSV).
+NEEDS = {"rep-out-file": ("matplotlib",), "rep-clobber": ("matplotlib",), "val-rescore-missing": ("torch",),
+         "val-rescore-binary": ("torch",), "val-rescore-columns": ("torch",)}
+
+
+@pytest.mark.parametrize("argv, needle", [pytest.param(*c[1:], id=c[0], marks=pytest.mark.extras(*NEEDS.get(c[0], ())))
+                                          for c in CASES])
 def test_bad_input_is_one_line_and_exit_2(argv, needle, files, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a default output folder would land here, never in the checkout
     try:

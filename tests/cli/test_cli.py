@@ -59,8 +59,8 @@ def test_fit_json_interface(capsys):
 def test_fit_human_output_mentions_the_pieces(capsys):
     code, out, _ = run(capsys, "fit", "opt-13b", "--gpu", "3090")
     assert code == 0
-    for piece in ("Recommended:", "Where the memory goes", "Alternatives", "Next size up", "Longest sequence",
-                  "total", "GiB"):
+    for piece in ("Recommended (balanced):", "Where the memory goes", "Alternatives", "Next size up",
+                  "Longest sequence", "total", "GiB"):
         assert piece in out
 
 

@@ -365,3 +365,16 @@ def test_opt_13b_lora_matches_reference_numbers():
     assert res.peak_phase == "backward_start"
     assert sum(res.components.values()) == res.total_bytes
     assert res.dominant == "weights"
+
+
+def test_simulate_shows_a_spinner_on_a_terminal_and_keeps_json_clean():
+    import json
+    import sys
+
+    from tests.extras import run_with_tty_stderr
+
+    cmd = [sys.executable, "-m", "memplan", "simulate", "opt-125m", "--seq-len", "64", "--steps", "1", "--json"]
+    code, out, seen = run_with_tty_stderr(cmd, timeout=300)
+    assert code == 0, out
+    assert b"simulating opt-125m" in seen
+    assert json.loads(out)["total_bytes"] > 0  # stdout is the JSON alone (a pipe's stderr: tests/reports)

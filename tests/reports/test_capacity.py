@@ -12,8 +12,10 @@ import sys
 import pytest
 
 from memplan.catalog.gpus import load_gpu
+from memplan.catalog.models import load_model
 from memplan.cli import main
-from memplan.plan.search import fit
+from memplan.errors import InvalidSetupError
+from memplan.plan.search import fit, fit_for
 from memplan.plan.setup import TrainSetup
 from memplan.reports.capacity import CSV_COLUMNS, ReportDependencyError, capacity_frame, capacity_rows
 from memplan.reports.capacity_docs import write_capacity_report
@@ -61,7 +63,21 @@ def test_grid_has_the_expected_shape(rows):
     # A 1B model trains at 16 bits on a 12 GB card; an 8B model needs 4 bits there at 512 tokens.
     assert by["llama-3.2-1b", "rtx-3060-12gb", 512].bits == 16
     assert by["llama-3.1-8b", "rtx-3060-12gb", 512].bits == 4
-    assert by["llama-3.1-8b", "rtx-4090", 512].batch_size > by["llama-3.1-8b", "rtx-4090", 2048].batch_size
+    # On a 24 GB card the 8B model trains in 16 bits without checkpointing at 512 tokens (the fastest plan
+    # --prefer balanced finds) and needs checkpointing at 2048.
+    short, long = by["llama-3.1-8b", "rtx-4090", 512], by["llama-3.1-8b", "rtx-4090", 2048]
+    assert (short.bits, short.grad_ckpt, long.bits, long.grad_ckpt) == (16, False, 16, True)
+    assert {r.prefer for r in rows} == {"balanced"}
+
+
+def test_prefer_memory_gives_the_leanest_plan_at_batch_one():
+    lean, = capacity_rows(["llama-3.1-8b"], ["4090"], [512], prefer="memory")
+    assert lean.prefer == "memory" and lean.batch_size == 1
+    res = fit_for(load_model("llama-3.1-8b"), TrainSetup("llama-3.1-8b", seq_len=512), load_gpu("4090"),
+                  pinned=frozenset({"seq_len"}), prefer="memory")
+    assert lean.peak_bytes == res.leanest.total_bytes == res.recommended.total_bytes
+    with pytest.raises(InvalidSetupError, match="invalid preference 'fast'; allowed: balanced, quality"):
+        capacity_rows(["llama-3.1-8b"], ["4090"], [512], prefer="fast")
 
 
 def test_nothing_fits_names_the_smallest_card_or_none():
@@ -323,3 +339,26 @@ def test_every_capacity_cell_is_what_fit_answers():
         assert (r.bits, r.rank, r.targets, r.batch_size, r.grad_ckpt, r.optimizer, r.peak_bytes,
                 r.max_seq_len_batch1) == (s.bits, s.rank, s.targets, s.batch_size, s.grad_ckpt, s.optimizer,
                                           res.recommended.total_bytes, res.max_seq_len_batch1), where
+
+
+def test_progress_is_reported_per_cell():
+    seen = []
+    rows = capacity_rows(["llama-3.2-1b", "opt-1.3b"], ["3060"], [512, 2048],
+                         progress=lambda done, total, cell: seen.append((done, total, cell)))
+    assert [(d, t) for d, t, _ in seen] == [(1, 4), (2, 4), (3, 4), (4, 4)] and len(rows) == 4
+    assert seen[0][2] == "llama-3.2-1b on RTX 3060 12GB at 512 tokens"
+
+
+@pytest.mark.extras("matplotlib", "pandas")
+def test_report_shows_progress_on_a_terminal_only(tmp_path):
+    from tests.extras import run_with_tty_stderr
+
+    cmd = [sys.executable, "-m", "memplan", "report", "capacity", "--models", "llama-3.2-1b,opt-1.3b", "--gpus",
+           "3060", "--seq-len", "512", "--out", str(tmp_path / "tty")]
+    code, out, seen = run_with_tty_stderr(cmd)
+    assert code == 0
+    assert b"capacity: the fit search per cell" in seen or b"on RTX 3060 12GB at 512 tokens" in seen
+    assert "\x1b" not in out and out.splitlines()[-1].startswith("2 model x card x sequence cells")
+    # a pipe gets no progress at all
+    p = subprocess.run(cmd[:-1] + [str(tmp_path / "pipe")], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and p.stderr == ""
