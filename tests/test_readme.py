@@ -134,9 +134,10 @@ def _capacity_table() -> str:
     from memplan.reports.capacity_docs import markdown
 
     rows = capacity_rows(["mistral-7b-v0.1", "llama-2-13b-hf", "qwen2.5-14b"], DEFAULT_GPUS, [512])
-    md = markdown(rows, [], "memplan report capacity")
-    return "\n".join(line for line in md.splitlines() if line.startswith("| ")
-                     and not line.startswith("| model | card |"))  # the matrix, not the details
+    lines = markdown(rows, [], "memplan report capacity").splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| model |"))
+    end = next(i for i in range(start, len(lines)) if not lines[i].startswith("| "))
+    return "\n".join(lines[start:end])  # the first table: the matrix, not the plan details
 
 
 def _capacity_frame() -> str:

@@ -29,7 +29,8 @@ if TYPE_CHECKING:
 
     from .setup import TrainSetup
 
-__all__ = ["LayerActivations", "attention_kernel", "layer_activations", "checkpoint_input_per_token",
+__all__ = ["LayerActivations", "attention_kernel", "sdpa_mask_materialised", "model_mask_bytes", "layer_activations",
+           "checkpoint_input_per_token",
            "checkpoint_input_shared_per_token", "model_extras_per_token", "full_backward_end", "logits_bytes",
            "backward_transient_per_token", "backward_transient_per_token_seq", "dequant_transient_bytes"]
 
@@ -79,20 +80,34 @@ _EAGER_SOFTMAX_IN_INPUT_DTYPE = frozenset({"gpt2", "bert", "falcon"})
 def attention_kernel(spec: ModelSpec, setup: TrainSetup) -> str:
     """The kernel that saves the attention activations of ``setup`` on CUDA (see ``_attention_kernel``), for the
     residual stream's dtype: the one place the activation and the backward terms take it from."""
-    return _attention_kernel(spec, setup.attn, float_weight_bytes(setup))
+    return _attention_kernel(spec, setup.attn, float_weight_bytes(setup), sdpa_mask_materialised(spec, setup))
 
 
-def _attention_kernel(spec: ModelSpec, attn: str, a: int) -> str:
+def sdpa_mask_materialised(spec: ModelSpec, setup: TrainSetup) -> bool:
+    """Whether transformers hands SDPA an explicit mask for an unpadded batch: with a sliding window, once the
+    sequence reaches the window. ``masking_utils._ignore_causal_mask_sdpa`` refuses the ``is_causal`` shortcut
+    when ``kv_length >= local_attention_size`` (transformers 5.24 masking_utils.py:286-287), so
+    ``create_sliding_window_causal_mask`` builds a (1, 1, S, S) bool mask, expanded (a view) to the batch
+    (masking_utils.py ``sdpa_mask``), even where it is plain causal. Mistral (window 4096), Phi-3 (2047) and
+    Qwen2 with ``use_sliding_window``; Gemma-2 runs eager attention only."""
+    return setup.attn == "sdpa" and spec.sliding_window is not None and setup.seq_len >= spec.sliding_window
+
+
+def _attention_kernel(spec: ModelSpec, attn: str, a: int, masked: bool = False) -> str:
     """What saves the attention activations on CUDA: "flash" (flash or memory-efficient SDPA kernels and
     flash_attention_2 save the same tensors), "math" (SDPA's math fallback) or "eager".
 
     torch 2.13 SDPA selection (aten/src/ATen/native/transformers/cuda/sdp_utils.cpp): flash needs fp16/bf16,
     head_dim <= 256 and no explicit mask, and supports GQA; memory-efficient also takes fp32 and masks but not
     GQA; otherwise math. transformers passes enable_gqa only without a mask (integrations/sdpa_attention.py
-    use_gqa_in_sdpa); with a mask it repeats k/v itself.
+    use_gqa_in_sdpa, lines 42-51); with a mask (``masked``, see ``sdpa_mask_materialised``) it repeats k/v to
+    every head itself, so the memory-efficient kernel takes the call whatever the dtype: "flash"-class, with
+    repeated k/v and the mask saved (``_layer_activations_cached``).
     """
     if attn != "sdpa":
         return "flash" if attn == "flash_attention_2" else "eager"
+    if masked:
+        return "flash"
     gqa = spec.num_key_value_heads < spec.num_attention_heads and spec.model_type not in _KV_BROADCAST
     # gpt_bigcode too: in transformers 5.23 it builds its mask with masking_utils.create_causal_mask (None for an
     # unpadded batch) and calls integrations/sdpa_attention.py, so multi-query attention is GQA with enable_gqa.
@@ -105,7 +120,7 @@ def layer_activations(spec: ModelSpec, setup: TrainSetup) -> LayerActivations:
     """Bytes one decoder layer keeps for backward, per token (and per token x seq for eager attention)."""
     return _layer_activations_cached(spec, setup.attn, setup.lora_dropout, setup.adapter_dtype, setup.rank,
                                      setup.targets or "", setup.method, setup.bits, setup.dtype,
-                                     float_weight_bytes(setup))
+                                     float_weight_bytes(setup), sdpa_mask_materialised(spec, setup))
 
 
 def checkpoint_input_per_token(spec: ModelSpec, setup: TrainSetup) -> int:
@@ -139,7 +154,8 @@ def _pre_norm(spec: ModelSpec) -> bool:
 
 @lru_cache(maxsize=4096)
 def _layer_activations_cached(spec: ModelSpec, attn: str, lora_dropout: float, adapter_dtype: str, rank: int,
-                              targets: str, method: str, bits: int, dtype: str, hb: int) -> LayerActivations:
+                              targets: str, method: str, bits: int, dtype: str, hb: int,
+                              masked: bool = False) -> LayerActivations:
     h = spec.hidden_size
     d = spec.head_dim
     q_dim = spec.num_attention_heads * d
@@ -155,13 +171,19 @@ def _layer_activations_cached(spec: ModelSpec, attn: str, lora_dropout: float, a
     per_tok += _norms_per_layer(spec) * _norm_saved_per_token(spec, a, h, trainable=full)
 
     # Attention: which kernel saves what (see _attention_kernel).
-    kernel = _attention_kernel(spec, attn, a)
+    kernel = _attention_kernel(spec, attn, a, masked)
     if kernel == "flash":
         # flash / memory-efficient kernels (and flash_attention_2) save q, k, v, the output and an fp32
         # logsumexp per head and token (aten._scaled_dot_product_flash_attention's saved outputs,
         # docs/memory-model.md). GQA runs natively without repeat_kv when there is no mask
         # (transformers/integrations/sdpa_attention.py use_gqa_in_sdpa).
-        per_tok += a * (q_dim + 2 * kv_dim + q_dim) + 4 * heads
+        kv_saved = q_dim if masked and spec.model_type not in _KV_BROADCAST else kv_dim
+        per_tok += a * (q_dim + 2 * kv_saved + q_dim) + 4 * heads
+        if masked:
+            # SDPA turns the bool mask into an additive one in the query dtype (torch/nn/functional.py
+            # _canonical_mask: zeros_like(mask, dtype).masked_fill_): a new (B, 1, S, S) tensor per call, which
+            # the memory-efficient kernel saves as attn_bias for backward.
+            per_tok_seq += a
     else:
         # eager_attention_forward and SDPA's math kernel: k and v repeated to every head; the q @ k^T matmul
         # saves q and k.
@@ -266,6 +288,13 @@ def model_extras_per_token(spec: ModelSpec, setup: TrainSetup) -> int:
                 mask = lin.in_features if setup.lora_dropout > 0 else 0
                 per_tok += lin.in_features * ab + mask + setup.rank * lin.lora_rank_multiplier * ab
     return per_tok
+
+
+def model_mask_bytes(spec: ModelSpec, setup: TrainSetup) -> int:
+    """The model-level bool attention mask, when transformers builds one (``sdpa_mask_materialised``): one byte
+    per (query, key) position, (1, 1, S, S) expanded to the batch as a view, so independent of the batch. Every
+    layer's call reads it (and checkpointing keeps it as an input), so it lives through forward and backward."""
+    return setup.seq_len * setup.seq_len if sdpa_mask_materialised(spec, setup) else 0
 
 
 def full_backward_end(spec: ModelSpec, setup: TrainSetup) -> tuple[int, int, int]:

@@ -180,7 +180,16 @@ class _Searcher:
         return best
 
     def max_seq(self, resolved: TrainSetup, limit: int) -> int | None:
-        lo, hi, best = 1, limit, None
+        """The longest sequence up to ``limit`` that fits at batch 1. Memory grows with the sequence except at a
+        sliding window, where SDPA switches kernels (``activations.sdpa_mask_materialised``) and can need less:
+        each side of the window is searched on its own, the longer side first."""
+        window = self.spec.sliding_window if resolved.attn == "sdpa" else None
+        if window and 1 < window <= limit:
+            return self._longest(resolved, window, limit) or self._longest(resolved, 1, window - 1)
+        return self._longest(resolved, 1, limit)
+
+    def _longest(self, resolved: TrainSetup, lo: int, hi: int) -> int | None:
+        best = None
         while lo <= hi:
             mid = (lo + hi) // 2
             if self.fits(self.est(replace(resolved, batch_size=1, seq_len=mid))):

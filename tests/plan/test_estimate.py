@@ -306,3 +306,46 @@ def test_paged_optimizers_page_only_large_tensors():
     # tensor; 80 modules x 2 tensors.
     e = opt13b_lora(rank=64, optimizer="paged_adamw_8bit")
     assert e.paged_bytes == e.components["optimizer_state"] == 80 * 2 * 2 * (327_680 + 1_280 * 4)
+
+
+# ---- a sliding window under SDPA (issue 13) ----------------------------------------------------------------
+
+def _mistral(seq_len, **knobs):
+    from memplan.plan.activations import attention_kernel
+
+    spec = load_model("mistral-7b-v0.1")
+    setup = resolve_setup(TrainSetup("mistral-7b-v0.1", seq_len=seq_len, grad_ckpt=True, **knobs), spec)
+    return estimate_for(spec, setup, include_runtime=False), attention_kernel(spec, setup)
+
+
+def test_at_the_sliding_window_sdpa_gets_a_mask_and_the_memory_efficient_kernel():
+    """transformers builds an explicit mask once the sequence reaches Mistral's 4,096-token window: the
+    memory-efficient kernel then saves q, repeated k/v, the output and the additive mask, never S x S
+    probabilities. memplan simulate (CUDA semantics) on the issue's setup: 13,736 MiB at 4,095 tokens (math
+    kernel), 9,345 MiB at 4,096 (efficient); the estimate was 15,845 MiB at 4,096 (+70%)."""
+    qlora = dict(method="qlora", bits=4, rank=16, targets="all-linear", optimizer="paged_adamw_32bit")
+    below, below_kernel = _mistral(4095, **qlora)
+    at, at_kernel = _mistral(4096, **qlora)
+    assert (below_kernel, at_kernel) == ("math", "flash")
+    assert at.total_bytes / (9345 * MiB) == pytest.approx(1.0, abs=0.05)
+    assert at.total_bytes < below.total_bytes
+    assert any("less memory than one just below the window" in n for n in at.notes)
+    assert not any("sliding window" in n for n in below.notes)
+    # bf16 (no upcast): flash below the window with native GQA; at it, repeated k/v and the mask cost more
+    bf16_below, k1 = _mistral(4095, rank=16)
+    bf16_at, k2 = _mistral(4096, rank=16)
+    assert (k1, k2) == ("flash", "flash") and bf16_at.total_bytes > bf16_below.total_bytes
+    assert any("sliding window" in n for n in bf16_at.notes)
+    assert not any("less memory" in n for n in bf16_at.notes)
+
+
+def test_longest_sequence_looks_past_the_window():
+    """Memory falls at the window (above), so the longest sequence that fits is searched on each side of it: a
+    12 GiB budget holds 4,096+ tokens of this QLoRA plan but not 4,095."""
+    from memplan.plan.search import fit
+
+    setup = TrainSetup("mistral-7b-v0.1", method="qlora", bits=4, rank=16, targets="all-linear", grad_ckpt=True,
+                       optimizer="paged_adamw_32bit")
+    r = fit(setup, "12GiB", pinned=frozenset({"method", "bits", "rank", "targets", "batch_size", "grad_ckpt",
+                                              "optimizer"}))
+    assert r.max_seq_len_batch1 > 4096
