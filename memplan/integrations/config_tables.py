@@ -16,11 +16,12 @@ from memplan.plan.dtypes import dtype_name
 from memplan.plan.optimizers import resolve_optimizer
 
 __all__ = ["FORMATS", "FORMAT_NAMES", "Skip", "TABLES", "EXCLUSIVE", "NESTED", "AXOLOTL_MARKERS", "TRL_MARKERS",
-           "TA_MARKERS"]
+           "TA_MARKERS", "ACCELERATE_MARKERS"]
 
-FORMATS = ("training_args", "axolotl", "trl", "peft", "bnb")
+FORMATS = ("training_args", "axolotl", "trl", "peft", "bnb", "accelerate")
 FORMAT_NAMES = ("transformers TrainingArguments JSON (to_json_string), TRL SFTConfig JSON / YAML, peft "
-                 "adapter_config.json (LoRA), bitsandbytes BitsAndBytesConfig JSON and axolotl YAML")
+                 "adapter_config.json (LoRA), bitsandbytes BitsAndBytesConfig JSON, axolotl YAML and accelerate "
+                 "config YAML")
 
 
 class Skip:
@@ -75,12 +76,26 @@ def _true_gives(value) -> Converter:
 
 
 def _amp(dtype: str) -> Converter:
-    """TrainingArguments / axolotl ``bf16`` / ``fp16``; axolotl also allows ``bf16: auto``."""
+    """TrainingArguments / axolotl ``bf16`` / ``fp16``: the Trainer runs forward and loss under
+    ``torch.autocast(dtype)`` (transformers/training_args.py, accelerate ``mixed_precision``); the weights keep
+    the dtype they were loaded in. axolotl also allows ``bf16: auto``."""
     def conv(v, raw):
         if isinstance(v, str) and v.strip().lower() == "auto":
-            return Skip("note", "bf16 where the card has it, else fp16: memplan's default when the dtype is not given")
+            return Skip("note", "bf16 autocast where the card has it, else fp16: memplan's default when not given")
         return dtype if _bool(v) else _SILENT
     return conv
+
+
+def _mixed_precision(v, raw=None) -> str:
+    """accelerate's ``mixed_precision``: no / fp16 / bf16 (fp8 is not modelled)."""
+    s = str(v).strip().lower()
+    if s in ("no", "none", "false"):
+        return "off"
+    if s in ("fp16", "bf16"):
+        return s
+    if s == "fp8":
+        return Skip("warning", "fp8 mixed precision (transformer-engine / torchao) is not modelled: bf16 is assumed")
+    raise InvalidSetupError(f"unknown mixed_precision {v!r}; allowed: no, fp16, bf16, fp8")
 
 
 def _torch_dtype(v, raw=None):
@@ -205,8 +220,8 @@ _TRAINING_ARGS: dict[str, tuple[str | None, Converter]] = {
     "optim": ("optimizer", _optimizer),
     "gradient_checkpointing": ("grad_ckpt", _bool),  # deprecated alias in transformers 5
     "activation_checkpointing": ("grad_ckpt", _bool),  # transformers >= 5 name
-    "bf16": ("dtype", _amp("bf16")),
-    "fp16": ("dtype", _amp("fp16")),
+    "bf16": ("autocast", _amp("bf16")),
+    "fp16": ("autocast", _amp("fp16")),
     "tf32": (None, lambda v, raw: _SILENT),  # matmul precision only: no memory effect
     "gradient_checkpointing_kwargs": (None, _ckpt_kwargs),
     "activation_checkpointing_kwargs": (None, _ckpt_kwargs),
@@ -318,9 +333,9 @@ _AXOLOTL: dict[str, tuple[str | None, Converter]] = {
     "micro_batch_size": ("batch_size", _int),
     "gradient_checkpointing": ("grad_ckpt", _grad_ckpt),
     "optimizer": ("optimizer", _optimizer),  # HF TrainingArguments.optim names
-    "bf16": ("dtype", _amp("bf16")),
-    "fp16": ("dtype", _amp("fp16")),
-    "bfloat16": ("dtype", _true_gives("bf16")),  # pure bf16 weights, no autocast
+    "bf16": ("autocast", _amp("bf16")),
+    "fp16": ("autocast", _amp("fp16")),
+    "bfloat16": ("dtype", _true_gives("bf16")),  # pure bf16 weights, no autocast (training_configs._axolotl_post)
     "float16": ("dtype", _true_gives("fp16")),
     "tf32": (None, lambda v, raw: _SILENT),  # matmul precision only
     "flash_attention": ("attn", _true_gives("flash_attention_2")),
@@ -352,8 +367,20 @@ _AXOLOTL: dict[str, tuple[str | None, Converter]] = {
     "chunked_cross_entropy": (None, _warn("chunked cross-entropy is not modelled: logits + loss counted in full")),
 }
 
+# accelerate's config file (``accelerate config`` -> default_config.yaml; accelerate/commands/config/
+# config_args.py ``ClusterConfig``): the precision, and what memplan does not model.
+_ACCELERATE: dict[str, tuple[str | None, Converter]] = {
+    "mixed_precision": ("autocast", _mixed_precision),
+    "num_processes": (None, _warn("more than one process (data parallel): memplan plans one GPU's share of a "
+                                  "replicated model", _more_than_one)),
+    "distributed_type": (None, _warn("sharded training (FSDP / DeepSpeed) is not modelled: the estimate is one GPU "
+                                     "holding everything", lambda v, raw: str(v).upper() in ("FSDP", "DEEPSPEED"))),
+    "downcast_bf16": (None, lambda v, raw: _SILENT),  # TPU only
+}
+
 TABLES: dict[str, dict[str, tuple[str | None, Converter]]] = {
-    "training_args": _TRAINING_ARGS, "trl": _TRL, "peft": _PEFT, "bnb": _BNB, "axolotl": _AXOLOTL}
+    "training_args": _TRAINING_ARGS, "trl": _TRL, "peft": _PEFT, "bnb": _BNB, "axolotl": _AXOLOTL,
+    "accelerate": _ACCELERATE}
 
 # Keys that cannot both be on (compared without dotted prefix or leading "_"): InvalidSetupError rather than
 # "the later key wins".
@@ -366,6 +393,8 @@ AXOLOTL_MARKERS = {"base_model", "micro_batch_size", "sequence_len", "adapter", 
 TRL_MARKERS = {"max_length", "max_seq_length", "packing", "model_init_kwargs", "dataset_text_field", "padding_free",
                 "completion_only_loss", "assistant_only_loss", "use_peft", "lora_r", "lora_target_modules",
                 "model_name_or_path", "use_bnb_nested_quant"}
+ACCELERATE_MARKERS = {"compute_environment", "distributed_type", "mixed_precision", "num_processes", "machine_rank",
+                      "num_machines", "main_training_function"}
 TA_MARKERS = {"per_device_train_batch_size", "optim", "gradient_accumulation_steps", "output_dir",
                "learning_rate", "num_train_epochs", "lr_scheduler_type"}
 

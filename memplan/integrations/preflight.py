@@ -216,8 +216,8 @@ def check(model, *, training_args=None, lora_config=None, bnb_config=None, seq_l
     elif live is not None and live.lora is None and not live.trains_all:
         # A frozen base model and no LoraConfig: the script will add LoRA with peft's defaults.
         live_fields.setdefault("method", "qlora" if live.bits == 4 else "lora")
-    # A model read live decides its precision; training_args' bf16/fp16 is the autocast dtype, which the
-    # estimator does not model separately (the weights' compute dtype is what it uses).
+    # A model read live decides the weights' dtype; training_args' bf16/fp16 is the autocast the Trainer runs
+    # forward and loss under (the setup's ``autocast``, memplan.plan.precision).
     fields_ = merge_layers(from_args, from_lora, from_bnb, live_fields, explicit)
     notes: list[str] = []
     if live is not None:

@@ -22,8 +22,8 @@ from memplan.errors import ConfigError, InvalidSetupError, NoModelError
 from memplan.fileio import read_text
 from memplan.plan.setup import TrainSetup
 
-from .config_tables import (AXOLOTL_MARKERS, EXCLUSIVE, FORMAT_NAMES, FORMATS, NESTED, TA_MARKERS, TABLES,
-                            TRL_MARKERS, Skip)
+from .config_tables import (ACCELERATE_MARKERS, AXOLOTL_MARKERS, EXCLUSIVE, FORMAT_NAMES, FORMATS, NESTED,
+                            TA_MARKERS, TABLES, TRL_MARKERS, Skip)
 
 __all__ = ["TrainingConfig", "MergeReport", "load_training_config", "map_training_config", "merge_configs",
            "merge_layers", "show_value", "FORMATS", "TABLES"]
@@ -139,6 +139,8 @@ def _detect(raw: Mapping) -> str | None:
         return "trl"
     if keys & {"per_device_train_batch_size", "optim"} or len(keys & TA_MARKERS) >= 2:
         return "training_args"
+    if len(keys & ACCELERATE_MARKERS) >= 2:
+        return "accelerate"
     return None
 
 
@@ -234,12 +236,21 @@ def _typos(raw: Mapping, table: Mapping) -> list[str]:
     return out
 
 
+def _true(v) -> bool:
+    return v is True or (isinstance(v, str) and v.strip().lower() == "true")
+
+
 def _axolotl_post(flat, fields, used, ignored, warnings, notes) -> None:
     """axolotl rules that span keys: no adapter trains every parameter; offloaded checkpointing."""
     if not flat.get("adapter"):
         fields["method"] = "full"
         used.append(("adapter", None, "method"))
         notes.append("adapter=null: axolotl trains every parameter (full fine-tuning)")
+    if (_true(flat.get("bfloat16")) or _true(flat.get("float16"))) and "autocast" not in fields:
+        # axolotl: bfloat16 / float16 load the weights in half precision and train without AMP (bf16 / fp16
+        # are the AMP flags)
+        fields["autocast"] = "off"
+        used.append(("bfloat16" if _true(flat.get("bfloat16")) else "float16", True, "autocast"))
     ckpt = flat.get("gradient_checkpointing")
     if isinstance(ckpt, str) and ckpt.strip().lower() in ("offload", "unsloth"):
         reason = "checkpoints offloaded to host memory are not modelled: counted on the GPU"

@@ -109,6 +109,16 @@ def cuda_patches(spec, setup, gpu):
         return orig_dropout(input, p, training, inplace)
 
     def cuda_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        if torch.is_autocast_enabled("cpu"):
+            # This function stands in for aten::scaled_dot_product_attention, which autocast lists as
+            # lower_precision_fp (memplan.measure.autocast): the floating inputs are cast, the kernel is chosen
+            # on the cast tensors, and the kernel runs without autocast.
+            dt = torch.get_autocast_dtype("cpu")
+            query, key, value, attn_mask = (
+                t.to(dt) if t is not None and t.is_floating_point() and t.dtype not in (dt, torch.float64) else t
+                for t in (query, key, value, attn_mask))
+            with torch.autocast("cpu", enabled=False):
+                return cuda_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
         kernel = _sdpa_kernel(query, key, attn_mask, enable_gqa, cc)
         used[kernel] = used.get(kernel, 0) + 1
         if kernel == "flash":

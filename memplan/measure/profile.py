@@ -25,7 +25,6 @@ import threading
 import time
 import warnings
 from collections.abc import Callable
-from contextlib import nullcontext
 
 from memplan.errors import MemplanError
 
@@ -173,6 +172,7 @@ def profile_run(setup, *, device: str = "cpu", steps: int = 3, gpu_memory_fracti
 
     from memplan.units import format_gib
 
+    from .autocast import autocast_for
     from .build import build_training_model
     from .environment import collect_environment
     from .nvml import NvmlReader, NvmlSampler, measure_cuda_context, paged_count
@@ -227,7 +227,7 @@ def profile_run(setup, *, device: str = "cpu", steps: int = 3, gpu_memory_fracti
                 trainable = [p for p in model.parameters() if p.requires_grad]
                 opt = make_optimizer(resolved, trainable)  # what the HF Trainer builds for this optim
                 rec.watch(trainable, opt)
-                autocast = _autocast_factory(resolved, device)
+                autocast = autocast_for(resolved, device)
                 torch.manual_seed(seed + 2)  # the batches' token ids (values do not change memory)
 
                 control.say(f"built in {time.perf_counter() - t_start:.1f} s; running {steps} step(s)")
@@ -278,19 +278,6 @@ def profile_run(setup, *, device: str = "cpu", steps: int = 3, gpu_memory_fracti
     return record
 
 
-def _autocast_factory(setup, device: str):
-    """fp32 weights with a 16-bit compute dtype means mixed precision (HF Trainer's bf16/fp16 flags):
-    torch.autocast; everything else computes in the weights' dtype."""
-    if setup.bits == 32 and setup.dtype != "fp32":
-        import torch
-
-        from .dtypes import torch_dtype
-
-        dt = torch_dtype(setup.dtype)
-        return lambda: torch.autocast(device_type=device, dtype=dt)
-    return nullcontext
-
-
 def _device_notes(setup, device: str, notes: list[str]) -> None:
     from memplan.plan.optimizers import resolve_optimizer
 
@@ -303,6 +290,9 @@ def _device_notes(setup, device: str, notes: list[str]) -> None:
             notes.append("paged optimizer on CPU: bitsandbytes falls back to ordinary tensors (counted by the "
                          "tracker); paged_bytes is null")
         notes.append("CUDA collectors (allocator statistics, NVML, paged memory) not used on CPU: fields are null")
+        if setup.autocast not in (None, "off"):
+            notes.append(f"autocast {setup.autocast} on CPU runs CPU autocast's op lists, not CUDA's (layer_norm, "
+                         f"softmax and the losses stay in the input dtype): memplan simulate reproduces CUDA's")
     elif resolve_optimizer(setup.optimizer).paged:
         notes.append("paged optimizer: state of parameters with >= 1e5 values is CUDA managed memory (paged_bytes); "
                      "torch's allocator does not count it, NVML does while it is resident; the tracker counts it "

@@ -44,6 +44,8 @@ from memplan.plan.optimizers import resolve_optimizer
 from memplan.plan.runtime import CUDA_BLOCK_BYTES
 from memplan.plan.setup import TrainSetup, resolve_setup
 
+from .autocast import autocast_for, cuda_autocast_policy
+from .dtypes import torch_dtype
 from .build import build_training_model
 from .cuda_semantics import SIM_ATTN, CudaKernels, cuda_patches, fake_fidelity_patches
 from .optimizer import make_optimizer
@@ -157,7 +159,9 @@ def simulate_for(spec, setup: TrainSetup, gpu=None, *, steps: int = 2, device_se
             stack.enter_context(kernels)
         else:
             kernels = None
-        run_steps(model, opt, rec, spec, setup, steps=steps)
+        if cuda and setup.autocast not in (None, "off"):
+            stack.enter_context(cuda_autocast_policy(torch_dtype(setup.autocast)))
+        run_steps(model, opt, rec, spec, setup, steps=steps, autocast=autocast_for(setup, "cpu"))
     trk = rec.tracker
     if cuda and _torch_optimizer(setup):
         # torch.optim (not fused, not capturable) keeps each parameter's `step` counter in a CPU tensor

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 from memplan.units import ceil_div
 
 from .dtypes import DTYPE_BYTES
+from .precision import autocast_bytes
 from .trainable import adapted_linears
 from .weights import all_linears, float_weight_bytes
 
@@ -29,10 +30,10 @@ if TYPE_CHECKING:
 
     from .setup import TrainSetup
 
-__all__ = ["LayerActivations", "attention_kernel", "sdpa_mask_materialised", "model_mask_bytes", "layer_activations",
-           "checkpoint_input_per_token",
-           "checkpoint_input_shared_per_token", "model_extras_per_token", "full_backward_end", "logits_bytes",
-           "backward_transient_per_token", "backward_transient_per_token_seq", "dequant_transient_bytes"]
+__all__ = ["LayerActivations", "attention_kernel", "residual_bytes", "sdpa_mask_materialised", "model_mask_bytes",
+           "layer_activations", "checkpoint_input_per_token", "checkpoint_input_shared_per_token",
+           "model_extras_per_token", "full_backward_end", "logits_bytes", "backward_transient_per_token",
+           "backward_transient_per_token_seq", "dequant_transient_bytes"]
 
 
 # Activation functions and how many ffn-sized tensors they save for backward (transformers/activations.py):
@@ -56,14 +57,15 @@ def _norms_per_layer(spec: ModelSpec) -> int:
     return n or 2
 
 
-def _norm_saved_per_token(spec: ModelSpec, hb: int, width: int, trainable: bool) -> int:
+def _norm_saved_per_token(spec: ModelSpec, hb: int, width: int, trainable: bool, ac: int = 0) -> int:
     if spec.norm_kind == "rmsnorm":
         # LlamaRMSNorm & co. (modeling_llama.py): x.to(float32); pow(2) saves the fp32 copy; rsqrt saves
         # one fp32 per token; the final ``weight * x`` saves x only when the weight trains.
         saved = 4 * width + 4
     else:
-        # aten.native_layer_norm saves its input and fp32 mean and rstd per token.
-        saved = hb * width + 8
+        # aten.native_layer_norm saves its input and fp32 mean and rstd per token; under autocast layer_norm
+        # is on the fp32 list, so a 16-bit input is saved as its fp32 copy (memplan.plan.precision).
+        saved = (4 if ac else hb) * width + 8
     if trainable:
         saved += hb * width
     return saved
@@ -80,7 +82,19 @@ _EAGER_SOFTMAX_IN_INPUT_DTYPE = frozenset({"gpt2", "bert", "falcon"})
 def attention_kernel(spec: ModelSpec, setup: TrainSetup) -> str:
     """The kernel that saves the attention activations of ``setup`` on CUDA (see ``_attention_kernel``), for the
     residual stream's dtype: the one place the activation and the backward terms take it from."""
-    return _attention_kernel(spec, setup.attn, float_weight_bytes(setup), sdpa_mask_materialised(spec, setup))
+    return _attention_kernel(spec, setup.attn, autocast_bytes(setup) or residual_bytes(spec, setup),
+                             sdpa_mask_materialised(spec, setup))
+
+
+def residual_bytes(spec: ModelSpec, setup: TrainSetup) -> int:
+    """Bytes per value of the residual stream, which the activations inside a layer follow: the float weights'
+    dtype (``weights.float_weight_bytes``), except under autocast with 4/8-bit linears in a LayerNorm model:
+    layer_norm is on autocast's fp32 list, bitsandbytes casts each projection's output back to its (fp32) input's
+    dtype, and the MLP's fp32 output turns the residual sum fp32 (``memplan simulate``: OPT and GPT-2 QLoRA
+    without the upcast, under bf16 autocast)."""
+    if setup.bits in (4, 8) and autocast_bytes(setup) and spec.norm_kind != "rmsnorm":
+        return 4
+    return float_weight_bytes(setup)
 
 
 def sdpa_mask_materialised(spec: ModelSpec, setup: TrainSetup) -> bool:
@@ -120,12 +134,13 @@ def layer_activations(spec: ModelSpec, setup: TrainSetup) -> LayerActivations:
     """Bytes one decoder layer keeps for backward, per token (and per token x seq for eager attention)."""
     return _layer_activations_cached(spec, setup.attn, setup.lora_dropout, setup.adapter_dtype, setup.rank,
                                      setup.targets or "", setup.method, setup.bits, setup.dtype,
-                                     float_weight_bytes(setup), sdpa_mask_materialised(spec, setup))
+                                     residual_bytes(spec, setup), sdpa_mask_materialised(spec, setup),
+                                     autocast_bytes(setup))
 
 
 def checkpoint_input_per_token(spec: ModelSpec, setup: TrainSetup) -> int:
     """What gradient checkpointing keeps of each layer: its input, one hidden state per token."""
-    return spec.hidden_size * float_weight_bytes(setup)
+    return spec.hidden_size * residual_bytes(spec, setup)
 
 
 def checkpoint_input_shared_per_token(spec: ModelSpec, setup: TrainSetup) -> int:
@@ -139,7 +154,7 @@ def checkpoint_input_shared_per_token(spec: ModelSpec, setup: TrainSetup) -> int
     RMSNorm, which saves an fp32 copy."""
     if not _pre_norm(spec):
         return 0
-    hb = float_weight_bytes(setup)
+    hb = residual_bytes(spec, setup)
     if spec.norm_kind == "rmsnorm" and hb < 4:
         return 0
     return spec.hidden_size * hb
@@ -155,7 +170,7 @@ def _pre_norm(spec: ModelSpec) -> bool:
 @lru_cache(maxsize=4096)
 def _layer_activations_cached(spec: ModelSpec, attn: str, lora_dropout: float, adapter_dtype: str, rank: int,
                               targets: str, method: str, bits: int, dtype: str, hb: int,
-                              masked: bool = False) -> LayerActivations:
+                              masked: bool = False, ac: int = 0) -> LayerActivations:
     h = spec.hidden_size
     d = spec.head_dim
     q_dim = spec.num_attention_heads * d
@@ -163,32 +178,36 @@ def _layer_activations_cached(spec: ModelSpec, attn: str, lora_dropout: float, a
     heads = spec.num_attention_heads
     ffn = spec.intermediate_size
     a = hb  # activations inside the layer follow the residual stream's dtype (float_weight_bytes)
+    # Under autocast (ac: its bytes; memplan.plan.precision) matmuls return the autocast dtype: the outputs of
+    # plain nn.Linear layers (bitsandbytes casts its own back to the input dtype) and what SDPA saves.
+    lin = ac if ac and bits in (16, 32) else a  # (k-bit: the residual dtype, see residual_bytes)
+    att = ac or a
     full = method == "full"
     per_tok = 0
     per_tok_seq = 0
 
     # Norms: each saves its input (+ per-token statistics).
-    per_tok += _norms_per_layer(spec) * _norm_saved_per_token(spec, a, h, trainable=full)
+    per_tok += _norms_per_layer(spec) * _norm_saved_per_token(spec, a, h, trainable=full, ac=ac)
 
     # Attention: which kernel saves what (see _attention_kernel).
-    kernel = _attention_kernel(spec, attn, a, masked)
+    kernel = _attention_kernel(spec, attn, att, masked)
     if kernel == "flash":
         # flash / memory-efficient kernels (and flash_attention_2) save q, k, v, the output and an fp32
         # logsumexp per head and token (aten._scaled_dot_product_flash_attention's saved outputs,
         # docs/memory-model.md). GQA runs natively without repeat_kv when there is no mask
         # (transformers/integrations/sdpa_attention.py use_gqa_in_sdpa).
         kv_saved = q_dim if masked and spec.model_type not in _KV_BROADCAST else kv_dim
-        per_tok += a * (q_dim + 2 * kv_saved + q_dim) + 4 * heads
+        per_tok += att * (q_dim + 2 * kv_saved + q_dim) + 4 * heads
         if masked:
             # SDPA turns the bool mask into an additive one in the query dtype (torch/nn/functional.py
             # _canonical_mask: zeros_like(mask, dtype).masked_fill_): a new (B, 1, S, S) tensor per call, which
             # the memory-efficient kernel saves as attn_bias for backward.
-            per_tok_seq += a
+            per_tok_seq += att
     else:
         # eager_attention_forward and SDPA's math kernel: k and v repeated to every head; the q @ k^T matmul
         # saves q and k.
         kv_saved = kv_dim if spec.model_type in _KV_BROADCAST else q_dim
-        per_tok += a * (q_dim + 2 * kv_saved)
+        per_tok += att * (q_dim + 2 * kv_saved)
         # The probabilities, per head and (token x position):
         # - eager, softmax in the input dtype (gpt2, bert, falcon): softmax saves its output;
         # - eager, softmax(dtype=float32).to(dtype) (the rest): softmax saves its fp32 output, and in half
@@ -199,7 +218,10 @@ def _layer_activations_cached(spec: ModelSpec, attn: str, lora_dropout: float, a
         # bool mask, so a half .to(dtype) copy is freed once dropped out): eager's F.dropout, and the math
         # kernel's at::dropout, are native_dropout for CUDA tensors (aten/src/ATen/native/Dropout.cpp
         # is_fused_kernel_acceptable). tests/test_trace.py checks the math kernel op for op.
-        if kernel == "eager" and spec.model_type in _EAGER_SOFTMAX_IN_INPUT_DTYPE:
+        if kernel == "eager" and ac:
+            # softmax runs in fp32 (set_opt_dtype); the matmul with v saves an autocast-dtype cast of it
+            probs_bytes, copy_bytes, matmul_dtype_bytes = 4, ac, ac
+        elif kernel == "eager" and spec.model_type in _EAGER_SOFTMAX_IN_INPUT_DTYPE:
             probs_bytes, copy_bytes, matmul_dtype_bytes = a, 0, a
         elif kernel == "eager":
             probs_bytes, copy_bytes, matmul_dtype_bytes = 4, (a if a < 4 else 0), a
@@ -214,7 +236,7 @@ def _layer_activations_cached(spec: ModelSpec, attn: str, lora_dropout: float, a
     if spec.model_type == "phi3":
         # Phi3Attention slices q, k, v out of one qkv_proj output; q and k are replaced by their rotary
         # copies but v stays a view, so saving v keeps the whole fused buffer alive (modeling_phi3.py).
-        per_tok += a * (q_dim + kv_dim)
+        per_tok += lin * (q_dim + kv_dim)
     if spec.residual_dropout > 0:
         # CUDA native_dropout saves a bool mask per residual dropout (after attention and/or after the MLP;
         # the spec counts the sites transformers 5.23 really applies).
@@ -227,24 +249,29 @@ def _layer_activations_cached(spec: ModelSpec, attn: str, lora_dropout: float, a
         # transformers 5 MoE experts loop: per routed token, gate_up output (2 ffn, saved by act and mul),
         # act output (ffn, saved by mul), down output (h, saved by the routing-weight mul); the router saves
         # its fp32 softmax over experts.
-        per_tok += k * a * (3 * ffn + h) + 4 * spec.num_experts
+        per_tok += k * lin * (3 * ffn + h) + 4 * spec.num_experts
     elif spec.mlp_kind == "gated":
         # act(gate) saves gate; act(gate) * up saves both operands (modeling_llama.py LlamaMLP).
-        per_tok += a * (n_saved * ffn + 2 * ffn)
+        per_tok += lin * (n_saved * ffn + 2 * ffn)
+    elif ac and spec.hidden_act == "gelu_new":
+        # NewGELU under autocast: pow is on the fp32 list and saves the fp32 cast of its input; tanh's output and
+        # 1 + tanh are fp32 too; only 0.5 * input keeps the fc1 output's dtype (memplan simulate, gpt2-medium).
+        per_tok += (3 * 4 + lin) * ffn
     else:
         # fc1 -> act -> fc2 with frozen fc1/fc2: only the activation's saved tensors stay.
-        per_tok += a * n_saved * ffn
+        per_tok += lin * n_saved * ffn
         if spec.activation_dropout > 0:
             per_tok += ffn  # mask
     if full:
         # Trainable weights make every linear save its input: the normed input (shared by q/k/v), the
         # attention output, the MLP input and the MLP hidden activation.
-        per_tok += a * (h + q_dim + h + ffn * max(1, spec.num_experts_per_tok if spec.num_experts > 1 else 1))
+        per_tok += (ac or a) * (h + q_dim + h + ffn * max(1, spec.num_experts_per_tok if spec.num_experts > 1 else 1))
 
     # LoRA: per adapted module, lora_A's input (x cast to the adapter dtype, or the dropout output) is saved,
     # plus the dropout's bool mask and lora_A's output, saved by lora_B (peft/tuners/lora/layer.py Linear).
     if method != "full" and targets:
-        ab = DTYPE_BYTES[adapter_dtype]
+        # under autocast lora_A saves an autocast-dtype cast of its input, and lora_B lora_A's output
+        ab = ac or DTYPE_BYTES[adapter_dtype]
         layer_names = {x.name for x in spec.layer_linears}
         lora_tok = 0
         for lin in adapted_linears(spec, targets):
@@ -272,17 +299,18 @@ def _layer_activations_cached(spec: ModelSpec, attn: str, lora_dropout: float, a
 
 def model_extras_per_token(spec: ModelSpec, setup: TrainSetup) -> int:
     """Per-token bytes saved outside the layer stack: ids/labels, embedding dropout, final norm."""
-    hb = float_weight_bytes(setup)
+    hb = residual_bytes(spec, setup)
     per_tok = 2 * 8  # input_ids and labels, int64
     if spec.embedding_dropout > 0:
         per_tok += spec.hidden_size  # bool mask
-    per_tok += _norm_saved_per_token(spec, hb, spec.hidden_size, trainable=setup.method == "full")
+    per_tok += _norm_saved_per_token(spec, hb, spec.hidden_size, trainable=setup.method == "full",
+                                      ac=autocast_bytes(setup))
     if not spec.is_causal_lm:
         # BERT MLM head transform: gelu saves its input, LayerNorm saves its input (modeling_bert.py).
         per_tok += 2 * hb * spec.hidden_size + 8
     if setup.method != "full" and setup.targets:
         top = {x.name for x in spec.top_linears + spec.tied_linears}  # adapters on lm_head save its input too
-        ab = DTYPE_BYTES[setup.adapter_dtype]
+        ab = autocast_bytes(setup) or DTYPE_BYTES[setup.adapter_dtype]
         for lin in adapted_linears(spec, setup.targets):
             if lin.name in top:  # same terms as a per-layer adapter (see _layer_activations_cached)
                 mask = lin.in_features if setup.lora_dropout > 0 else 0
@@ -322,7 +350,7 @@ def logits_bytes(spec: ModelSpec, setup: TrainSetup, tokens: int) -> tuple[int, 
     keeps only the loss (the HF Trainer's compute_loss does; a loop that holds the model output also keeps
     the 16-bit logits, 49 MiB there) — ``memplan simulate`` agrees to the byte.
     """
-    lb = float_weight_bytes(setup)  # the lm_head computes in its weight's dtype
+    lb = autocast_bytes(setup) or float_weight_bytes(setup)  # the lm_head computes in its weight's (autocast) dtype
     tv = tokens * spec.vocab_size
     if not spec.is_causal_lm:
         # BertForMaskedLM calls CrossEntropyLoss on the scores as they are (no fp32 upcast): log-softmax and
@@ -343,7 +371,7 @@ def backward_transient_per_token(spec: ModelSpec, setup: TrainSetup) -> int:
         mlp = spec.num_experts_per_tok * 3 * ffn
     else:
         mlp = (3 if spec.mlp_kind == "gated" else 2) * ffn
-    return float_weight_bytes(setup) * (2 * h + mlp)
+    return residual_bytes(spec, setup) * (2 * h + mlp)
 
 
 def backward_transient_per_token_seq(spec: ModelSpec, setup: TrainSetup) -> int:

@@ -29,6 +29,7 @@ from . import activations as act
 from .breakdown import COMPONENTS, PHASES, Estimate, ParamCounts
 from .dtypes import DTYPE_BYTES
 from .optimizers import resolve_optimizer
+from .precision import autocast_weight_copies
 from .runtime import ALLOCATOR_OVERHEAD_FRACTION, CUBLAS_WORKSPACE_BYTES, cuda_context_bytes
 from .setup import TrainSetup, resolve_setup
 from .trainable import BNB_MIN_8BIT_SIZE, BNB_MIN_PAGED_SIZE, trainable
@@ -62,8 +63,8 @@ def estimate_for(spec: ModelSpec, setup: TrainSetup, gpu: GPUSpec | None = None,
     f = _fixed(spec, setup)
     base = dict(f.base, cuda_context=cuda_context_bytes(gpu) if include_runtime else 0)
     tokens = setup.batch_size * setup.seq_len
-    layer_bytes = f.layer_per_token * tokens + f.layer_per_token_seq * tokens * setup.seq_len
-    extras = f.extras_per_token * tokens + act.model_mask_bytes(spec, setup)
+    layer_bytes = f.layer_per_token * tokens + f.layer_per_token_seq * tokens * setup.seq_len + f.layer_weight_copies
+    extras = f.extras_per_token * tokens + act.model_mask_bytes(spec, setup) + f.top_weight_copies
     ckpt_input_bytes = f.ckpt_per_token * tokens
     bwd_transient = f.bwd_per_token * tokens + f.bwd_per_token_seq * tokens * setup.seq_len + f.dequant
     if setup.grad_ckpt:
@@ -121,6 +122,8 @@ class _Fixed:
     layer_per_token: int
     layer_per_token_seq: int
     extras_per_token: int
+    layer_weight_copies: int  # autocast casts of float weights saved for backward (memplan.plan.precision)
+    top_weight_copies: int
     ckpt_per_token: int
     ckpt_shared_per_token: int
     logits_fwd_per_token: int
@@ -143,7 +146,7 @@ def _fixed(spec: ModelSpec, setup: TrainSetup) -> _Fixed:
     bisecting the batch and the longest sequence re-estimates the same setup dozens of times)."""
     key = (spec, setup.method, setup.bits, setup.quant_type, setup.double_quant, setup.dtype, setup.rank,
            setup.targets, setup.lora_dropout, setup.adapter_dtype, setup.optimizer, setup.attn,
-           setup.upcast_non_quantized, act.sdpa_mask_materialised(spec, setup))
+           setup.upcast_non_quantized, setup.autocast, act.sdpa_mask_materialised(spec, setup))
     hit = _FIXED.get(key)
     if hit is None:
         if len(_FIXED) >= _FIXED_MAX:
@@ -172,6 +175,7 @@ def _compute_fixed(spec: ModelSpec, setup: TrainSetup) -> _Fixed:
     # Full fine-tuning: the lm_head / tied-embedding gradient is produced with the logits gradient.
     head_grad = spec.vocab_size * spec.hidden_size * DTYPE_BYTES[load_dtype(setup)] if setup.method == "full" else 0
     end_act, end_transient, end_transient_per_token = act.full_backward_end(spec, setup)
+    copies = autocast_weight_copies(spec, setup)
 
     notes: list[str] = []
     weights_note = kbit_weights_note(spec, setup, static)
@@ -207,6 +211,7 @@ def _compute_fixed(spec: ModelSpec, setup: TrainSetup) -> _Fixed:
         paged_bytes=paged_bytes, head_grad=head_grad, dequant=act.dequant_transient_bytes(spec, setup),
         layer_per_token=layer.per_token, layer_per_token_seq=layer.per_token_seq,
         extras_per_token=act.model_extras_per_token(spec, setup),
+        layer_weight_copies=copies[0], top_weight_copies=copies[1],
         ckpt_per_token=act.checkpoint_input_per_token(spec, setup),
         ckpt_shared_per_token=act.checkpoint_input_shared_per_token(spec, setup),
         logits_fwd_per_token=logits_fwd, logits_bwd_per_token=logits_bwd,

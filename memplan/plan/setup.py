@@ -28,13 +28,15 @@ if TYPE_CHECKING:
 
 __all__ = ["TrainSetup", "Knob", "KNOBS", "resolve_setup", "sequence_limit", "default_attention",
            "describe_setup", "METHODS", "BITS", "QUANT_TYPES", "ADAPTER_DTYPES", "ATTN_IMPLEMENTATIONS",
-           "DEFAULT_SEQ_LEN"]
+           "AUTOCASTS", "DEFAULT_SEQ_LEN"]
 
 METHODS = ("lora", "qlora", "full")
 BITS = (4, 8, 16, 32)
 QUANT_TYPES = ("nf4", "fp4")
 ADAPTER_DTYPES = ("fp32", "bf16", "fp16")
 ATTN_IMPLEMENTATIONS = ("auto", "eager", "sdpa", "flash_attention_2")
+# torch.autocast around forward and loss (TrainingArguments bf16/fp16, accelerate mixed_precision), or none.
+AUTOCASTS = ("off", "bf16", "fp16")
 
 # transformers 5.23 model classes without ``_supports_sdpa = True`` (checked in
 # ``transformers/models/<type>/modeling_<type>.py``): asking them for SDPA raises, and ``auto`` picks eager.
@@ -68,6 +70,7 @@ class TrainSetup:
     grad_ckpt: bool = False
     attn: str = "auto"
     upcast_non_quantized: bool | None = None  # peft.prepare_model_for_kbit_training; default on for 4/8 bits
+    autocast: str | None = None  # "off", "bf16", "fp16": torch.autocast around forward and loss (AUTOCASTS)
     gpu: str | None = None
 
     def to_dict(self) -> dict:
@@ -141,6 +144,9 @@ KNOBS: tuple[Knob, ...] = (
          default_text="auto: sdpa where transformers supports it, else eager"),
     Knob("upcast_non_quantized", "--upcast", "prepare_model_for_kbit_training's fp32 upcast of the "
          "non-quantized weights", bool, default_text="on at 4/8 bits"),
+    Knob("autocast", "--autocast", "torch.autocast around forward and loss, as TrainingArguments(bf16=True) / "
+         "fp16=True and accelerate's mixed_precision run it", choices=AUTOCASTS,
+         default_text="off; the compute dtype at 32 bits (mixed precision)"),
 )
 
 
@@ -166,8 +172,9 @@ def describe_setup(setup: TrainSetup) -> str:
         weights = f"{s.bits}-bit"
     adapter = "full fine-tuning" if s.method == "full" else f"LoRA r={s.rank} on {s.targets}"
     ckpt = "checkpointing" if s.grad_ckpt else "no checkpointing"
+    precision = s.dtype if s.autocast in (None, "off") else f"{s.dtype}, autocast {s.autocast}"
     return (f"{weights} {adapter}, batch {s.batch_size}, seq {s.seq_len}, {ckpt}, {s.optimizer}, "
-            f"{s.attn}, {s.dtype}")
+            f"{s.attn}, {precision}")
 
 
 def _check_choice(field: str, value, allowed) -> None:
@@ -198,7 +205,7 @@ def _parameter_targets(spec: ModelSpec, targets: str) -> tuple[str, ...]:
 _FIELD_TYPES = {"model": str, "method": str, "bits": int, "quant_type": str, "double_quant": bool, "dtype": str,
                 "rank": int, "alpha": (int, float), "targets": str, "lora_dropout": (int, float),
                 "adapter_dtype": str, "optimizer": str, "batch_size": int, "seq_len": int, "grad_ckpt": bool,
-                "attn": str, "upcast_non_quantized": bool, "gpu": str}
+                "attn": str, "upcast_non_quantized": bool, "autocast": str, "gpu": str}
 _TYPE_NAMES = {str: "a string", int: "an integer", bool: "true or false", (int, float): "a number"}
 
 
@@ -233,6 +240,8 @@ def resolve_setup(setup: TrainSetup, spec: ModelSpec, gpu: GPUSpec | None = None
     _check_choice("quant type", setup.quant_type, QUANT_TYPES)
 
     dtype = setup.dtype
+    if dtype is None and bits != 32 and setup.autocast in ("bf16", "fp16"):
+        dtype = setup.autocast  # a config that names only its autocast (TrainingArguments fp16=True)
     if dtype is None:
         dtype = "fp32" if bits == 32 else ("bf16" if gpu is None or gpu.bf16 else "fp16")
     _check_choice("dtype", dtype, DTYPES)
@@ -277,6 +286,16 @@ def resolve_setup(setup: TrainSetup, spec: ModelSpec, gpu: GPUSpec | None = None
                 f"flash_attention_2 needs compute capability >= 8.0; {gpu.name} has {gpu.compute_capability}"
             )
 
+    autocast = setup.autocast
+    if autocast is None:
+        # fp32 weights with a 16-bit compute dtype is mixed precision: the Trainer's classic AMP
+        autocast = dtype if bits == 32 and dtype != "fp32" else "off"
+    _check_choice("autocast", autocast, AUTOCASTS)
+    if autocast == "bf16" and gpu is not None and not gpu.bf16:
+        raise InvalidSetupError(
+            f"{gpu.name} (compute capability {gpu.compute_capability}) has no bf16 support; use --autocast fp16"
+        )
+
     upcast = setup.upcast_non_quantized
     if upcast is None:
         upcast = bits in (4, 8)
@@ -311,5 +330,6 @@ def resolve_setup(setup: TrainSetup, spec: ModelSpec, gpu: GPUSpec | None = None
         optimizer=optimizer,
         attn=attn,
         upcast_non_quantized=upcast,
+        autocast=autocast,
         gpu=gpu.id if gpu is not None else setup.gpu,
     )

@@ -19,7 +19,9 @@ import pytest
 from memplan.cli import main
 from memplan.integrations.training_configs import TABLES, load_training_config, merge_configs
 from memplan.errors import ConfigError, InvalidSetupError
-from memplan.plan.setup import TrainSetup
+from memplan.catalog.gpus import load_gpu
+from memplan.catalog.models import load_model
+from memplan.plan.setup import TrainSetup, resolve_setup
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 AXOLOTL = str(FIXTURES / "axolotl_qlora.yml")
@@ -57,8 +59,8 @@ ROUND_TRIPS = [
       "seq_len": 4096, "batch_size": 2, "grad_ckpt": True, "optimizer": "paged_adamw_32bit",
       "attn": "flash_attention_2"}, marks=pytest.mark.extras("yaml"), id="axolotl"),
     (TRAINING_ARGS, "training_args", ["--model", "llama-2-7b", "--config", TRAINING_ARGS],
-     ["llama-2-7b", "--batch-size", "4", "--grad-ckpt", "--dtype", "bf16", "--optimizer", "paged_adamw_8bit"],
-     {"batch_size": 4, "grad_ckpt": True, "dtype": "bf16", "optimizer": "paged_adamw_8bit"}),
+     ["llama-2-7b", "--batch-size", "4", "--grad-ckpt", "--autocast", "bf16", "--optimizer", "paged_adamw_8bit"],
+     {"batch_size": 4, "grad_ckpt": True, "autocast": "bf16", "optimizer": "paged_adamw_8bit"}),
     (ADAPTER, "peft", ["--config", ADAPTER],
      ["llama-2-7b", "--rank", "16", "--alpha", "32", "--targets", "q_proj,v_proj", "--lora-dropout", "0.05"],
      {"rank": 16, "alpha": 32, "targets": "q_proj,v_proj", "lora_dropout": 0.05}),
@@ -66,10 +68,10 @@ ROUND_TRIPS = [
      ["llama-2-7b", "--bits", "4", "--quant", "nf4", "--double-quant", "--dtype", "bf16"],
      {"bits": 4, "quant_type": "nf4", "double_quant": True, "dtype": "bf16"}),
     (TRL, "trl", ["--model", "llama-2-7b", "--config", TRL],
-     ["llama-2-7b", "--batch-size", "2", "--grad-ckpt", "--dtype", "bf16", "--optimizer", "adamw_torch",
-      "--seq-len", "2048", "--attn", "flash_attention_2"],
-     {"batch_size": 2, "grad_ckpt": True, "dtype": "bf16", "optimizer": "adamw_torch", "seq_len": 2048,
-      "attn": "flash_attention_2"}),
+     ["llama-2-7b", "--batch-size", "2", "--grad-ckpt", "--dtype", "bf16", "--autocast", "bf16", "--optimizer",
+      "adamw_torch", "--seq-len", "2048", "--attn", "flash_attention_2"],
+     {"batch_size": 2, "grad_ckpt": True, "dtype": "bf16", "autocast": "bf16", "optimizer": "adamw_torch",
+      "seq_len": 2048, "attn": "flash_attention_2"}),
 ]
 
 
@@ -116,7 +118,7 @@ def test_used_and_notes_are_reported(capsys):
     assert {k for k, _ in cfg.ignored} == {"bf16", "sample_packing", "gradient_accumulation_steps"}
     assert cfg.warnings == ()
     assert any("sequence_len" in n for n in cfg.notes)  # packing: modelled as full sequences
-    assert "dtype" not in cfg.fields  # bf16: auto leaves the dtype to memplan's default
+    assert "dtype" not in cfg.fields and "autocast" not in cfg.fields  # bf16: auto: memplan's default
     code, out, _ = run(capsys, "estimate", "--config", TRAINING_ARGS, "--model", "llama-2-7b")
     assert code == 0
     assert f"from {TRAINING_ARGS}: per_device_train_batch_size=4 -> batch_size" in " ".join(out.split())
@@ -293,3 +295,41 @@ def test_yaml_without_pyyaml_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "yaml", None)
     with pytest.raises(ConfigError, match=r"pip install 'memplan\[yaml\]'"):
         load_training_config(AXOLOTL)
+
+
+# ---- precision: what runs under autocast (issue 13) ----------------------------------------------------------
+
+def test_bf16_and_fp16_flags_are_autocast_not_the_weights_dtype(tmp_path):
+    """TrainingArguments(bf16=True) runs forward and loss under torch.autocast; the weights keep the dtype they
+    were loaded in (transformers/training_args.py, accelerate's mixed_precision)."""
+    ta = load_training_config(write(tmp_path, "ta.json", json.dumps(
+        {"output_dir": "o", "per_device_train_batch_size": 2, "fp16": True})))
+    assert ta.fields == {"batch_size": 2, "autocast": "fp16"}
+    spec = load_model("llama-2-7b")
+    resolved = resolve_setup(TrainSetup("llama-2-7b", **ta.fields), spec, load_gpu("3090"))
+    assert (resolved.dtype, resolved.autocast) == ("fp16", "fp16")  # the weights follow unless a file says
+
+
+def test_accelerate_config_gives_the_autocast_and_warns_about_what_it_does_not_model(tmp_path):
+    cfg = load_training_config(write(tmp_path, "default_config.json", json.dumps(
+        {"compute_environment": "LOCAL_MACHINE", "distributed_type": "MULTI_GPU", "mixed_precision": "bf16",
+         "num_processes": 2, "machine_rank": 0})))
+    assert cfg.format == "accelerate" and cfg.fields == {"autocast": "bf16"}
+    assert any("more than one process" in w for w in cfg.warnings)
+    off = load_training_config(write(tmp_path, "no.json", json.dumps(
+        {"compute_environment": "LOCAL_MACHINE", "mixed_precision": "no"})))
+    assert off.fields == {"autocast": "off"}
+    fsdp = load_training_config(write(tmp_path, "fsdp.json", json.dumps(
+        {"distributed_type": "FSDP", "mixed_precision": "fp8"})))
+    assert "autocast" not in fsdp.fields and len(fsdp.warnings) == 2
+    with pytest.raises(InvalidSetupError, match="unknown mixed_precision 'int4'; allowed: no, fp16, bf16, fp8"):
+        load_training_config(write(tmp_path, "bad.json", json.dumps(
+            {"compute_environment": "LOCAL_MACHINE", "mixed_precision": "int4"})))
+
+
+@pytest.mark.extras("yaml")
+def test_axolotl_bfloat16_is_pure_bf16_without_autocast(tmp_path):
+    pure = load_training_config(write(tmp_path, "pure.yml", "base_model: llama-2-7b\nadapter: lora\nbfloat16: true\n"))
+    assert pure.fields["dtype"] == "bf16" and pure.fields["autocast"] == "off"
+    amp = load_training_config(write(tmp_path, "amp.yml", "base_model: llama-2-7b\nadapter: lora\nbf16: true\n"))
+    assert amp.fields["autocast"] == "bf16" and "dtype" not in amp.fields
