@@ -151,12 +151,41 @@ def _capacity_frame() -> str:
                                          "peak_bytes"]].to_string()
 
 
+# (regime, where it comes from, memplan flags) for the README's precision table
+PRECISION_REGIMES = (
+    ("16-bit weights, no autocast", "torchtune, litgpt bf16-true, peft's benchmarks", dict(bits=16, autocast="off")),
+    ("16-bit weights under autocast", "TRL / axolotl, dtype=bf16 + bf16=True", dict(bits=16, autocast="bf16")),
+    ("fp32 master weights under autocast", "the Trainer's classic AMP", dict(bits=32, autocast="bf16")),
+    ("4-bit, prepared, under autocast", "QLoRA scripts (the default at 4 bits)", dict(bits=4, autocast="bf16")),
+    ("4-bit, prepared, no autocast", "QLoRA with bf16=False", dict(bits=4, autocast="off")),
+    ("4-bit, not prepared, under autocast", "FSDP-QLoRA-style scripts",
+     dict(bits=4, upcast_non_quantized=False, autocast="bf16")),
+    ("4-bit, not prepared, no autocast", "pure bf16 around 4-bit weights",
+     dict(bits=4, upcast_non_quantized=False, autocast="off")),
+)
+
+
+def _precision_table() -> str:
+    from memplan.plan.estimate import estimate
+    from memplan.plan.setup import TrainSetup
+
+    flags = {"bits": "--bits", "autocast": "--autocast", "upcast_non_quantized": "--upcast"}
+    lines = [f"{'regime':<37} {'flags':<37} {'peak GiB':>8}  produced by"]
+    for name, where, knobs in PRECISION_REGIMES:
+        e = estimate(TrainSetup("llama-3.1-8b", rank=16, targets="all-linear", batch_size=4, seq_len=1024,
+                                grad_ckpt=True, **knobs), gpu="4090")
+        shown = " ".join("--no-upcast" if k == "upcast_non_quantized" else f"{flags[k]} {v}" for k, v in knobs.items())
+        lines.append(f"{name:<37} {shown:<37} {e.total_bytes / 2**30:>8.2f}  {where}")
+    return "\n".join(lines)
+
+
 def _example_script() -> str:
     return (ROOT / "examples" / "train_qlora.py").read_text()
 
 
 GENERATORS = {"preflight-wontfit": _preflight_wontfit, "capacity-table": _capacity_table,
-              "capacity-frame": _capacity_frame, "example-script": _example_script}
+              "capacity-frame": _capacity_frame, "example-script": _example_script,
+              "precision-table": _precision_table}
 
 
 # --- the tests ------------------------------------------------------------------------------------------------

@@ -76,18 +76,20 @@ def _true_gives(value) -> Converter:
 
 
 def _amp(dtype: str) -> Converter:
-    """TrainingArguments / axolotl ``bf16`` / ``fp16``: the Trainer runs forward and loss under
-    ``torch.autocast(dtype)`` (transformers/training_args.py, accelerate ``mixed_precision``); the weights keep
-    the dtype they were loaded in. axolotl also allows ``bf16: auto``."""
+    """TrainingArguments / axolotl ``bf16`` / ``fp16``: forward and loss under ``torch.autocast(dtype)`` (the
+    weights keep their dtype); both false: no autocast. axolotl also allows ``bf16: auto``."""
+    other = "fp16" if dtype == "bf16" else "bf16"
+
     def conv(v, raw):
         if isinstance(v, str) and v.strip().lower() == "auto":
             return Skip("note", "bf16 autocast where the card has it, else fp16: memplan's default when not given")
-        return dtype if _bool(v) else _SILENT
+        if _bool(v):
+            return dtype
+        return "off" if raw.get(other) is False else _SILENT  # bf16: false and fp16: false: no autocast
     return conv
 
 
-def _mixed_precision(v, raw=None) -> str:
-    """accelerate's ``mixed_precision``: no / fp16 / bf16 (fp8 is not modelled)."""
+def _mixed_precision(v, raw=None) -> str:  # accelerate: no / fp16 / bf16 (fp8 is not modelled)
     s = str(v).strip().lower()
     if s in ("no", "none", "false"):
         return "off"
@@ -374,9 +376,7 @@ _ACCELERATE: dict[str, tuple[str | None, Converter]] = {
     "num_processes": (None, _warn("more than one process (data parallel): memplan plans one GPU's share of a "
                                   "replicated model", _more_than_one)),
     "distributed_type": (None, _warn("sharded training (FSDP / DeepSpeed) is not modelled: the estimate is one GPU "
-                                     "holding everything", lambda v, raw: str(v).upper() in ("FSDP", "DEEPSPEED"))),
-    "downcast_bf16": (None, lambda v, raw: _SILENT),  # TPU only
-}
+                                     "holding everything", lambda v, raw: str(v).upper() in ("FSDP", "DEEPSPEED")))}
 
 TABLES: dict[str, dict[str, tuple[str | None, Converter]]] = {
     "training_args": _TRAINING_ARGS, "trl": _TRL, "peft": _PEFT, "bnb": _BNB, "axolotl": _AXOLOTL,

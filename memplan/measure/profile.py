@@ -114,9 +114,9 @@ def resolve_for_device(setup, device: str, profiles_dir=None):
         if cpu_has_native_bf16():
             notes.append("dtype bf16: this CPU multiplies bf16 natively (avx512_bf16 / amx_bf16)")
         else:
-            setup = setup.with_(dtype="fp32")
-            notes.append("dtype fp32: this CPU has no native bf16 matmul (no avx512_bf16 / amx_bf16 flag), where "
-                         "bf16 runs ~45x slower; --dtype bf16 to force it")
+            setup = setup.with_(dtype="fp32", autocast="off" if setup.autocast is None else setup.autocast)
+            notes.append("dtype fp32, no autocast: this CPU has no native bf16 matmul (no avx512_bf16 / amx_bf16 "
+                         "flag), where bf16 runs ~45x slower; --dtype bf16 (--autocast bf16) to force it")
     resolved = resolve_setup(setup, spec, gpu)
     if device == "cpu":
         resolved = resolved.with_(gpu=None)

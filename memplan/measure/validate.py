@@ -29,12 +29,16 @@ from memplan.plan.breakdown import COMPONENTS
 from memplan.plan.estimate import estimate_for
 from memplan.plan.setup import TrainSetup, resolve_setup
 
-__all__ = ["MatrixRow", "RunRow", "MATRIX_MODELS", "MATRIX_VARIATIONS", "MATRIX_SETUP_KEYS", "matrix_setups",
-           "compare_setup", "run_matrix", "rescore_matrix", "validate_runs"]
+__all__ = ["MatrixRow", "RunRow", "MATRIX_MODELS", "MATRIX_VARIATIONS", "MATRIX_SETUP_KEYS", "MATRIX_KEY_DEFAULTS",
+           "matrix_setups", "compare_setup", "run_matrix", "rescore_matrix", "validate_runs"]
 
 # The setup columns of validation_matrix.csv (written by memplan.reports.validation, read by rescore_matrix).
 MATRIX_SETUP_KEYS = ("model", "method", "bits", "quant_type", "double_quant", "dtype", "rank", "targets",
-                     "lora_dropout", "optimizer", "batch_size", "seq_len", "grad_ckpt", "attn")
+                     "lora_dropout", "optimizer", "batch_size", "seq_len", "grad_ckpt", "attn", "autocast",
+                     "upcast_non_quantized")
+# Written before the precision knobs, a matrix CSV has neither column: those runs had no autocast and the
+# default k-bit preparation.
+MATRIX_KEY_DEFAULTS = {"autocast": "off", "upcast_non_quantized": None}
 
 
 @dataclass(frozen=True)
@@ -128,6 +132,20 @@ MATRIX_VARIATIONS: tuple[dict, ...] = (
 # 70B simulations take longer: keep their variations to the informative few.
 _LARGE_MODEL_VARIATIONS = (0, 2, 5, 9, 11)
 
+# The precision regimes a script runs in (memplan.plan.precision; README, "Precision"), each on the base knobs;
+# the variations above are the no-autocast reference. Models over 30B take the last two.
+MATRIX_REGIMES: tuple[dict, ...] = (
+    {"autocast": "bf16"},  # 16-bit weights under autocast (TRL / axolotl with bf16=True)
+    {"autocast": "bf16", "grad_ckpt": True, "targets": "all-linear", "rank": 16},
+    {"bits": 32, "autocast": "bf16"},  # fp32 master weights under autocast (the Trainer's classic AMP)
+    {"bits": 32, "autocast": "bf16", "grad_ckpt": True},
+    {"bits": 4, "upcast_non_quantized": False, "autocast": "bf16"},  # k-bit, no preparation, autocast
+    {"bits": 4, "upcast_non_quantized": False, "autocast": "bf16", "grad_ckpt": True},
+    {"bits": 4, "upcast_non_quantized": False},  # k-bit, no preparation, no autocast (FSDP-QLoRA style)
+    {"bits": 4, "autocast": "bf16"},  # k-bit prepared, under autocast (QLoRA scripts)
+    {"bits": 4, "autocast": "bf16", "grad_ckpt": True, "targets": "all-linear", "rank": 16},
+)
+
 # Setups where the estimate and the simulation once disagreed, kept in the grid so they stay fixed (each on top of
 # the base knobs above; only for models in the grid).
 MATRIX_REGRESSIONS: tuple[tuple[str, dict], ...] = (
@@ -145,26 +163,32 @@ def matrix_setups(models: Sequence[tuple[str, dict]] = MATRIX_MODELS,
     """The grid of setups compared in matrix mode (resolved later, per model). Invalid combinations (an
     architecture without sdpa asked for sdpa, a sequence beyond learned positions) are dropped."""
     setups: list[TrainSetup] = []
+    seen: set[tuple] = set()
     for model, extra in models:
         spec = load_model(model)
         chosen = variations
         if spec.total_params() > 30e9 and variations is MATRIX_VARIATIONS:
             chosen = [variations[i] for i in _LARGE_MODEL_VARIATIONS]
+        if variations is MATRIX_VARIATIONS:
+            chosen = [*chosen, *(MATRIX_REGIMES[-2:] if spec.total_params() > 30e9 else MATRIX_REGIMES)]
         for var in chosen:
-            knobs = {"lora_dropout": 0.05, "dtype": "bf16", **extra, **var}
+            knobs = {"lora_dropout": 0.05, "dtype": "bf16", "autocast": "off", "grad_ckpt": False, **extra, **var}
             if knobs.get("bits") == 4:
                 knobs.setdefault("method", "qlora")
             setup = TrainSetup(model=model, **knobs)
             try:
-                resolve_setup(setup, spec)
+                key = tuple(sorted(resolve_setup(setup, spec).to_dict().items()))
             except Exception:  # noqa: BLE001 - an impossible combination for this architecture: skip it
                 continue
-            setups.append(setup)
+            if key not in seen:  # eager-only models: the "eager" variation is the base one
+                seen.add(key)
+                setups.append(setup)
     if variations is MATRIX_VARIATIONS:
         names = {m for m, _ in models}
         for model, knobs in MATRIX_REGRESSIONS:
             if model in names:
-                setups.append(TrainSetup(model=model, **{"lora_dropout": 0.05, "dtype": "bf16", **knobs}))
+                setups.append(TrainSetup(model=model, **{"lora_dropout": 0.05, "dtype": "bf16", "autocast": "off",
+                                                         "grad_ckpt": False, **knobs}))
     return setups
 
 
@@ -200,7 +224,8 @@ def rescore_matrix(csv_path: str | os.PathLike, *, profiles_dir=None) -> list[Ma
     text = read_text(csv_path, missing="no such matrix CSV (validation_matrix.csv from memplan validate --matrix)",
                      what=" matrix CSV")
     reader = csv.DictReader(io.StringIO(text, newline=""))
-    needed = [*MATRIX_SETUP_KEYS, "architecture", "simulated_bytes", "simulated_phase", "sim_seconds", "error",
+    needed = [*(k for k in MATRIX_SETUP_KEYS if k not in MATRIX_KEY_DEFAULTS), "architecture", "simulated_bytes",
+              "simulated_phase", "sim_seconds", "error",
               *(f"simulated_{c}" for c in COMPONENTS)]
     missing = [k for k in needed if k not in (reader.fieldnames or ())]
     if missing:
@@ -209,12 +234,13 @@ def rescore_matrix(csv_path: str | os.PathLike, *, profiles_dir=None) -> list[Ma
     rows: list[MatrixRow] = []
     for line, rec in enumerate(reader, start=2):
         try:
-            knobs = {k: rec[k] for k in MATRIX_SETUP_KEYS}
+            knobs = {k: rec.get(k) or MATRIX_KEY_DEFAULTS.get(k) for k in MATRIX_SETUP_KEYS}
             for k in ("bits", "rank", "batch_size", "seq_len"):
                 knobs[k] = int(knobs[k])
             knobs["lora_dropout"] = float(knobs["lora_dropout"])
             for k in ("double_quant", "grad_ckpt"):
                 knobs[k] = knobs[k] == "True"
+            knobs["upcast_non_quantized"] = {"True": True, "False": False}.get(knobs["upcast_non_quantized"])
             setup = TrainSetup(**knobs)
             spec = load_model(setup.model, profiles_dir=profiles_dir)
             resolved = resolve_setup(setup, spec)
@@ -324,8 +350,12 @@ def _record_setup(record):
     unknown = sorted(set(record.setup) - {f.name for f in fields(TrainSetup)})
     if unknown:
         raise _Unusable(f"its setup has key(s) this memplan does not know: {', '.join(map(str, unknown))}")
+    raw = dict(record.setup)
+    if "autocast" not in raw:  # recorded before the knob: memplan profile ran autocast for fp32 weights only
+        amp = raw.get("bits") == 32 and raw.get("dtype") in ("bf16", "fp16")
+        raw["autocast"] = raw["dtype"] if amp else "off"
     try:
-        setup = TrainSetup(**record.setup)
+        setup = TrainSetup(**raw)
     except TypeError as exc:  # a required key missing
         raise _Unusable(f"its setup is incomplete ({exc})") from None
     try:

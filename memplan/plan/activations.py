@@ -92,9 +92,15 @@ def residual_bytes(spec: ModelSpec, setup: TrainSetup) -> int:
     layer_norm is on autocast's fp32 list, bitsandbytes casts each projection's output back to its (fp32) input's
     dtype, and the MLP's fp32 output turns the residual sum fp32 (``memplan simulate``: OPT and GPT-2 QLoRA
     without the upcast, under bf16 autocast)."""
-    if setup.bits in (4, 8) and autocast_bytes(setup) and spec.norm_kind != "rmsnorm":
-        return 4
+    if autocast_bytes(setup) and spec.norm_kind != "rmsnorm" and (_bnb_layers(spec, setup.bits) or not _pre_norm(spec)):
+        return 4  # post-norm layers (BERT, opt-350m) output their LayerNorm's fp32 result itself
     return float_weight_bytes(setup)
+
+
+def _bnb_layers(spec: ModelSpec, bits: int) -> bool:
+    """Whether the layers' projections are bitsandbytes modules (not at 16/32 bits; not Falcon's FalconLinear,
+    which bitsandbytes leaves in float)."""
+    return bits in (4, 8) and any(lin.quantized_by_bnb for lin in spec.layer_linears)
 
 
 def sdpa_mask_materialised(spec: ModelSpec, setup: TrainSetup) -> bool:
@@ -155,8 +161,8 @@ def checkpoint_input_shared_per_token(spec: ModelSpec, setup: TrainSetup) -> int
     if not _pre_norm(spec):
         return 0
     hb = residual_bytes(spec, setup)
-    if spec.norm_kind == "rmsnorm" and hb < 4:
-        return 0
+    if hb < 4 and (spec.norm_kind == "rmsnorm" or autocast_bytes(setup)):
+        return 0  # (under autocast a LayerNorm saves the fp32 cast of a 16-bit input, not the input)
     return spec.hidden_size * hb
 
 
@@ -180,7 +186,7 @@ def _layer_activations_cached(spec: ModelSpec, attn: str, lora_dropout: float, a
     a = hb  # activations inside the layer follow the residual stream's dtype (float_weight_bytes)
     # Under autocast (ac: its bytes; memplan.plan.precision) matmuls return the autocast dtype: the outputs of
     # plain nn.Linear layers (bitsandbytes casts its own back to the input dtype) and what SDPA saves.
-    lin = ac if ac and bits in (16, 32) else a  # (k-bit: the residual dtype, see residual_bytes)
+    lin = ac if ac and not _bnb_layers(spec, bits) else a  # (bnb layers: the residual dtype, see residual_bytes)
     att = ac or a
     full = method == "full"
     per_tok = 0
@@ -233,9 +239,10 @@ def _layer_activations_cached(spec: ModelSpec, attn: str, lora_dropout: float, a
             per_tok_seq += heads * (probs_bytes + copy_bytes)
         if spec.attn_logit_softcapping and kernel == "eager":
             per_tok_seq += heads * a  # tanh output saved (gemma-2 softcapping)
-    if spec.model_type == "phi3":
+    if spec.model_type == "phi3" and not (ac and lin != att):
         # Phi3Attention slices q, k, v out of one qkv_proj output; q and k are replaced by their rotary
-        # copies but v stays a view, so saving v keeps the whole fused buffer alive (modeling_phi3.py).
+        # copies but v stays a view, so saving v keeps the whole fused buffer alive (modeling_phi3.py). Under
+        # autocast with a bitsandbytes qkv_proj (fp32 output) SDPA saves a bf16 cast of v instead.
         per_tok += lin * (q_dim + kv_dim)
     if spec.residual_dropout > 0:
         # CUDA native_dropout saves a bool mask per residual dropout (after attention and/or after the MLP;

@@ -31,7 +31,23 @@ if TYPE_CHECKING:
 
     from .setup import TrainSetup
 
-__all__ = ["autocast_bytes", "float_weights_dtype", "autocast_weight_copies"]
+__all__ = ["autocast_bytes", "float_weights_dtype", "autocast_weight_copies", "regime_name", "REGIMES"]
+
+# The precision regimes training scripts run in (README, "Precision"), in the order the reports list them.
+REGIMES = ("16-bit, no autocast", "16-bit under autocast", "fp32, no autocast", "fp32 master weights under autocast",
+           "k-bit prepared, no autocast", "k-bit prepared under autocast", "k-bit not prepared, no autocast",
+           "k-bit not prepared under autocast")
+
+
+def regime_name(bits: int, autocast: str | None, upcast: bool | None) -> str:
+    """The regime (``REGIMES``) of a setup's weights' bits, autocast and k-bit upcast (``None``: the default)."""
+    on = autocast not in (None, "off")
+    if bits in (4, 8):
+        prepared = "k-bit prepared" if upcast is not False else "k-bit not prepared"
+        return f"{prepared} under autocast" if on else f"{prepared}, no autocast"
+    if bits == 32:
+        return "fp32 master weights under autocast" if on else "fp32, no autocast"
+    return "16-bit under autocast" if on else "16-bit, no autocast"
 
 
 def autocast_bytes(setup: TrainSetup) -> int:

@@ -28,6 +28,7 @@ from memplan.errors import InvalidSetupError, UnknownGPUError
 from .budget import Budget, check_headroom
 from .estimate import Estimate, estimate_for
 from .setup import TrainSetup, resolve_setup, sequence_limit
+from .regimes import leaner_regimes
 from .speed import step_time
 
 if TYPE_CHECKING:
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
     from memplan.catalog.models import ModelSpec
 
     from .changes import Change
+    from .regimes import RegimeAlternative
 
 __all__ = ["FitResult", "NextStep", "fit", "fit_for", "smallest_gpu", "SEARCH_BITS", "SEARCH_RANKS",
            "SEARCH_OPTIMIZERS", "DEFAULT_MAX_BATCH", "PREFERENCES", "DEFAULT_PREFER", "PREFERENCE_RULES"]
@@ -96,6 +98,8 @@ class FitResult:
     changes: tuple[Change, ...] = ()
     max_batch: int = DEFAULT_MAX_BATCH  # the largest micro-batch the search tried
     prefer: str = DEFAULT_PREFER  # what the ranking put first (PREFERENCES)
+    # other precision regimes of the same script that fit a larger micro-batch (memplan.plan.regimes)
+    regimes: tuple[RegimeAlternative, ...] = ()
 
     @property
     def budget_bytes(self) -> int:
@@ -124,6 +128,7 @@ class FitResult:
                 "usable_bytes": self.usable_bytes,
             },
             "recommended": plan(self.recommended) if self.recommended else None,
+            "regimes": [r.to_dict() for r in self.regimes],
             "alternatives": [plan(e) for e in self.alternatives],
             "next_batch": None if self.next_batch is None else {
                 "estimate": self.next_batch.estimate.to_dict(),
@@ -316,11 +321,12 @@ def fit_for(spec: ModelSpec, setup: TrainSetup, gpu: GPUSpec | None, *, budget: 
         capped = recommended.setup.batch_size * 2 > batches[-1]
         next_batch = NextStep(bigger, budget.shortfall(bigger.total_bytes),
                               smallest_gpu(spec, bigger.setup, headroom, profiles_dir), capped=capped)
+    regimes = () if "batch_size" in pinned else leaner_regimes(spec, recommended.setup, gpu, budget, batches)
     limit = sequence_limit(spec)
     max_seq = s.max_seq(recommended.setup, limit or max(MAX_SEQ_SEARCH, spec.max_position_embeddings or 0))
     return FitResult(spec.name, gpu, headroom, budget, recommended, alternatives, next_batch, max_seq, None,
                      leanest, s.evaluated, max_seq_len_is_model_limit=max_seq == limit, max_batch=batches[-1],
-                     prefer=prefer)
+                     prefer=prefer, regimes=regimes)
 
 
 def _pinned_changes(spec: ModelSpec, leanest: TrainSetup, gpu: GPUSpec | None, budget: Budget,

@@ -67,7 +67,7 @@ class TrainSetup:
     optimizer: str = "adamw_torch"  # the HF TrainingArguments default
     batch_size: int = 1
     seq_len: int = DEFAULT_SEQ_LEN
-    grad_ckpt: bool = False
+    grad_ckpt: bool | None = None  # default off; on at 4/8 bits (prepare_model_for_kbit_training's default)
     attn: str = "auto"
     upcast_non_quantized: bool | None = None  # peft.prepare_model_for_kbit_training; default on for 4/8 bits
     autocast: str | None = None  # "off", "bf16", "fp16": torch.autocast around forward and loss (AUTOCASTS)
@@ -139,14 +139,16 @@ KNOBS: tuple[Knob, ...] = (
          "paged_adamw_8bit, paged_adamw_32bit, sgd, sgd_momentum, rmsprop, adafactor, ...", searched=True),
     Knob("batch_size", "--batch-size", "micro-batch size per step", int, searched=True),
     Knob("seq_len", "--seq-len", "tokens per sequence", int),
-    Knob("grad_ckpt", "--grad-ckpt", "gradient checkpointing", bool, searched=True),
+    Knob("grad_ckpt", "--grad-ckpt", "gradient checkpointing", bool, searched=True,
+         default_text="off; on at 4/8 bits, as prepare_model_for_kbit_training turns it on"),
     Knob("attn", "--attn", "attention implementation", choices=ATTN_IMPLEMENTATIONS,
          default_text="auto: sdpa where transformers supports it, else eager"),
     Knob("upcast_non_quantized", "--upcast", "prepare_model_for_kbit_training's fp32 upcast of the "
          "non-quantized weights", bool, default_text="on at 4/8 bits"),
     Knob("autocast", "--autocast", "torch.autocast around forward and loss, as TrainingArguments(bf16=True) / "
          "fp16=True and accelerate's mixed_precision run it", choices=AUTOCASTS,
-         default_text="off; the compute dtype at 32 bits (mixed precision)"),
+         default_text="the compute dtype, as a Trainer script with bf16=True (fp16=True on cards without bf16); "
+                      "for fp32 weights the card's half dtype (the Trainer's AMP)"),
 )
 
 
@@ -288,8 +290,13 @@ def resolve_setup(setup: TrainSetup, spec: ModelSpec, gpu: GPUSpec | None = None
 
     autocast = setup.autocast
     if autocast is None:
-        # fp32 weights with a 16-bit compute dtype is mixed precision: the Trainer's classic AMP
-        autocast = dtype if bits == 32 and dtype != "fp32" else "off"
+        # What the most common script does: a Trainer with bf16=True (fp16=True where the card has no bf16) runs
+        # forward and loss under autocast, whatever the weights' dtype; fp32 weights get the card's half dtype
+        # (the Trainer's classic AMP). --autocast off is pure precision (torchtune, litgpt bf16-true).
+        if dtype in ("bf16", "fp16"):
+            autocast = dtype
+        else:
+            autocast = "bf16" if gpu is None or gpu.bf16 else "fp16"
     _check_choice("autocast", autocast, AUTOCASTS)
     if autocast == "bf16" and gpu is not None and not gpu.bf16:
         raise InvalidSetupError(
@@ -331,5 +338,6 @@ def resolve_setup(setup: TrainSetup, spec: ModelSpec, gpu: GPUSpec | None = None
         attn=attn,
         upcast_non_quantized=upcast,
         autocast=autocast,
+        grad_ckpt=setup.grad_ckpt if setup.grad_ckpt is not None else bits in (4, 8),
         gpu=gpu.id if gpu is not None else setup.gpu,
     )

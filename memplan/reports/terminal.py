@@ -147,6 +147,11 @@ def fit_view(r: FitResult) -> Group:
                      else "it fits no catalog card")
             parts.append(Text(f"\nNext size up (batch {b}): needs {need}, {format_gib(nb.shortfall_bytes, 2)} over "
                               f"the budget; {where}."))
+    for alt_regime in r.regimes:
+        e = alt_regime.estimate
+        parts.append(Text(f"Another precision regime of the same script: {alt_regime.change}: batch "
+                          f"{e.setup.batch_size} fits ({format_gib(e.total_bytes, 2)}, "
+                          f"{format_gib(-r.budget.shortfall(e.total_bytes), 2)} to spare)."))
     if r.max_seq_len_batch1 is not None:
         limit = " (the model's max_position_embeddings)" if r.max_seq_len_is_model_limit else ""
         parts.append(Text(f"Longest sequence at batch 1 with these settings: {r.max_seq_len_batch1:,} tokens{limit}."))

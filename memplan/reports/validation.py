@@ -9,7 +9,8 @@ import statistics
 from pathlib import Path
 
 from memplan.fileio import write_atomic
-from memplan.measure.validate import MATRIX_SETUP_KEYS, MatrixRow, RunRow
+from memplan.plan.precision import REGIMES, regime_name
+from memplan.measure.validate import MATRIX_KEY_DEFAULTS, MATRIX_SETUP_KEYS, MatrixRow, RunRow
 from memplan.plan.breakdown import COMPONENTS
 from memplan.units import GiB
 
@@ -62,7 +63,9 @@ def _csv_text(header: list[str], rows: list[list]) -> str:
 
 def _setup_label(s: dict) -> str:
     bits = f"{s['bits']}b" + (f"-{s['quant_type']}{'-dq' if s['double_quant'] else ''}" if s["bits"] == 4 else "")
-    return (f"{s['model']} {bits} {s['dtype']} r{s['rank']} {s['targets']} bs{s['batch_size']} s{s['seq_len']}"
+    precision = s["dtype"] + (f" autocast-{s['autocast']}" if s.get("autocast") not in (None, "off") else "")
+    precision += " no-upcast" if s.get("upcast_non_quantized") is False else ""
+    return (f"{s['model']} {bits} {precision} r{s['rank']} {s['targets']} bs{s['batch_size']} s{s['seq_len']}"
             f"{' ckpt' if s['grad_ckpt'] else ''} {s['attn']} {s['optimizer']}")
 
 
@@ -104,6 +107,18 @@ def write_report(out_dir: str | os.PathLike, *, matrix: list[MatrixRow] | None =
             sa = _summary(rs)
             worst = max(rs, key=lambda x: abs(x - 1))
             lines.append(f"| {arch} | {sa['n']} | {100 * sa['median_abs_error']:.2f}% | {_pct(worst)} |")
+        lines += ["", "Per precision regime (weights' dtype x autocast x k-bit preparation: README, \"Precision\"):",
+                  "", "| regime | setups | median error | worst error |", "|---|---:|---:|---:|"]
+        by_regime: dict[str, list[float]] = {}
+        for r in ok:
+            s_ = r.setup
+            name = regime_name(int(s_["bits"]), s_.get("autocast", "off"), s_.get("upcast_non_quantized"))
+            by_regime.setdefault(name, []).append(r.ratio)
+        for name in [n for n in REGIMES if n in by_regime]:
+            rs = by_regime[name]
+            sr = _summary(rs)
+            lines.append(f"| {name} | {sr['n']} | {100 * sr['median_abs_error']:.2f}% | "
+                         f"{_pct(max(rs, key=lambda x: abs(x - 1)))} |")
         lines += ["", "Per component (median estimate ÷ simulated over the setups where both are above 1 MiB):", "",
                   "| component | setups | median ratio | worst ratio |", "|---|---:|---:|---:|"]
         for comp in COMPONENTS:
@@ -121,7 +136,8 @@ def write_report(out_dir: str | os.PathLike, *, matrix: list[MatrixRow] | None =
         header = [*MATRIX_SETUP_KEYS, "architecture", "analytic_bytes", "simulated_bytes", "ratio", "analytic_phase",
                   "simulated_phase", "sim_seconds", "error"]
         header += [f"analytic_{c}" for c in COMPONENTS] + [f"simulated_{c}" for c in COMPONENTS]
-        rows = [[r.setup[k] for k in MATRIX_SETUP_KEYS] + [r.architecture, r.analytic_bytes, r.simulated_bytes,
+        rows = [[r.setup.get(k, MATRIX_KEY_DEFAULTS.get(k)) for k in MATRIX_SETUP_KEYS]
+                + [r.architecture, r.analytic_bytes, r.simulated_bytes,
                                                      f"{r.ratio:.5f}", r.analytic_phase, r.simulated_phase,
                                                      f"{r.sim_seconds:.2f}", r.error or ""]
                 + [r.analytic_components.get(c, 0) for c in COMPONENTS]
@@ -150,7 +166,7 @@ def write_report(out_dir: str | os.PathLike, *, matrix: list[MatrixRow] | None =
             lines.append(f"| {_setup_label(r.setup)} | {r.device} | {r.measured_kind} | {meas} | {ar_s} | {sr_s} |")
         header = [*MATRIX_SETUP_KEYS, "path", "device", "measured_kind", "measured_bytes", "analytic_bytes",
                   "simulated_bytes", "analytic_ratio", "simulated_ratio"]
-        rows = [[r.setup[k] for k in MATRIX_SETUP_KEYS]
+        rows = [[r.setup.get(k, MATRIX_KEY_DEFAULTS.get(k)) for k in MATRIX_SETUP_KEYS]
                 + [_shown_path(r.path), r.device, r.measured_kind, r.measured_bytes, r.analytic_bytes,
                    r.simulated_bytes, r.analytic_ratio, r.simulated_ratio] for r in runs]
         p = out / "validation_runs.csv"

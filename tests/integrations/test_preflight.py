@@ -453,3 +453,14 @@ def test_callback_creates_the_record_dir_at_train_begin(model_dir, tmp_path):
     trainer.add_callback(Spy())
     trainer.train()
     assert seen == [True] and cb.record_path.parent == record_dir
+
+
+def test_training_args_decide_the_autocast(tmp_path):
+    """TrainingArguments(bf16=True) runs forward and loss under bf16 autocast; bf16=False and fp16=False run
+    none: the plan follows (memplan.plan.precision)."""
+    amp = TrainingArguments(output_dir=str(tmp_path / "a"), bf16=True, use_cpu=True, report_to=[])
+    pure = TrainingArguments(output_dir=str(tmp_path / "b"), bf16=False, fp16=False, use_cpu=True, report_to=[])
+    on = memplan.preflight("llama-2-7b", training_args=amp, seq_len=256, budget_bytes=BIG)
+    off = memplan.preflight("llama-2-7b", training_args=pure, seq_len=256, budget_bytes=BIG)
+    assert (on.setup.autocast, off.setup.autocast) == ("bf16", "off")
+    assert on.total_bytes != off.total_bytes

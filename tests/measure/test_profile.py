@@ -127,7 +127,9 @@ def test_tensor_peak_equals_an_independent_tracker_measurement(configs):
             labels = ids.clone()  # the data collator's copy
             trk.register(ids, "inputs")
             trk.register(labels, "inputs")
-            with trk.phase("forward"):
+            # a Trainer with bf16=True: forward and loss under the device's autocast (the setup's default)
+            with trk.phase("forward"), torch.autocast("cpu", dtype=torch.bfloat16,
+                                                      enabled=resolved.autocast == "bf16"):
                 loss = model(input_ids=ids, labels=labels).loss
             with trk.phase("backward"):
                 loss.backward()
@@ -137,6 +139,7 @@ def test_tensor_peak_equals_an_independent_tracker_measurement(configs):
                 opt.zero_grad(set_to_none=True)
             del ids, labels
     res = trk.result()
+    assert resolved.autocast == "bf16"
     assert rec.peak["tensor_peak_bytes"] == res.peak_bytes
     assert rec.peak["components"] == res.peak_components
     for name in STEP_PHASES:

@@ -28,6 +28,7 @@ pytestmark = [EXTRAS, pytest.mark.filterwarnings("ignore:torch.utils.checkpoint"
 from memplan.measure.build import build_training_model  # noqa: E402
 from memplan.measure.optimizer import make_optimizer  # noqa: E402
 from memplan.measure.recorder import StepRecorder  # noqa: E402
+from memplan.measure.autocast import autocast_for  # noqa: E402
 from memplan.measure.step import run_steps  # noqa: E402
 from memplan.plan.estimate import COMPONENTS, PHASES  # noqa: E402
 from memplan.catalog.models import load_model, spec_from_config  # noqa: E402
@@ -93,7 +94,7 @@ def _real_run(spec, setup, steps: int = 2):
     opt = make_optimizer(setup, trainable)
     rec.watch(trainable, opt)
     with rec:
-        run_steps(model, opt, rec, spec, setup, steps=steps)
+        run_steps(model, opt, rec, spec, setup, steps=steps, autocast=autocast_for(setup, "cpu"))
     return rec.tracker.result()
 
 

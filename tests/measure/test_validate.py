@@ -67,7 +67,8 @@ def test_rescore_recomputes_the_analytic_side_only(tmp_path):
 
     row = matrix_row("opt-125m", "opt", 1, 123_456_789)
     spec = load_model("opt-125m")
-    resolved = resolve_setup(TrainSetup(**row.setup), spec)
+    # a row without an autocast key predates the knob: it ran without autocast
+    resolved = resolve_setup(TrainSetup(**{"autocast": "off", **row.setup}), spec)
     write_report(tmp_path, matrix=[row])
     (rescored,) = rescore_matrix(tmp_path / "validation_matrix.csv")
     assert rescored.simulated_bytes == 123_456_789  # kept from the CSV
@@ -92,3 +93,24 @@ def test_committed_grid_stays_within_the_issue_targets():
     worst = max(errors, key=errors.get)
     assert errors[worst] <= 0.05, f"{worst}: {errors[worst]:.2%}"
     assert median(errors.values()) <= 0.02
+
+
+def test_records_from_before_the_autocast_knob_keep_the_regime_they_ran_in(tmp_path):
+    """A record without setup.autocast ran as memplan profile ran then: autocast only for fp32 weights with a
+    16-bit compute dtype. The committed CPU records (fp32, no autocast) stay at their documented error."""
+    import statistics
+    from pathlib import Path
+
+    from memplan.measure.validate import validate_runs
+
+    runs = Path(__file__).resolve().parents[2] / "profiles" / "runs"
+    rows = validate_runs(runs, simulate_runs=False)
+    assert rows and all(r.setup["autocast"] == "off" for r in rows)
+    assert statistics.median(abs(r.analytic_ratio - 1) for r in rows) < 0.03
+    src = sorted(runs.glob("*.json"))[0]
+    rec = json.loads(src.read_text())
+    rec["setup"].update(bits=32, dtype="bf16")
+    rec["setup"].pop("autocast", None)
+    (tmp_path / src.name).write_text(json.dumps(rec))
+    (amp,) = validate_runs(tmp_path, simulate_runs=False)
+    assert amp.setup["autocast"] == "bf16"

@@ -25,8 +25,9 @@ def _est(**kw):
 
 
 def opt13b_lora(**kw):
+    # the traced reference step (docs/memory-model.md): fp16 weights, no autocast
     base = dict(bits=16, dtype="fp16", rank=16, targets="q_proj,v_proj", lora_dropout=0.05, batch_size=1,
-                seq_len=512, attn="sdpa")
+                seq_len=512, attn="sdpa", autocast="off")
     base.update(kw)
     return _est(**base)
 
@@ -284,10 +285,15 @@ def test_transformers5_leaves_mixtral_experts_and_falcon_unquantized():
 
 def test_lora_on_a_tied_lm_head_saves_its_input():
     # GPT-2's lm_head is tied to wte; an adapter on it saves lora_A's fp32 input (768 wide) and its r-wide
-    # output per token: (768 + 8) x 4 B, plus the dropout mask (768 B).
-    with_head = _est(model="gpt2", targets="c_attn,lm_head", seq_len=128)
-    without = _est(model="gpt2", targets="c_attn", seq_len=128)
+    # output per token: (768 + 8) x 4 B, plus the dropout mask (768 B); under autocast both are bf16 casts, and
+    # the two factors' bf16 casts (8 x (768 + 50257)) are saved too.
+    with_head = _est(model="gpt2", targets="c_attn,lm_head", seq_len=128, autocast="off")
+    without = _est(model="gpt2", targets="c_attn", seq_len=128, autocast="off")
     assert with_head.components["activations"] - without.components["activations"] == 128 * ((768 + 8) * 4 + 768)
+    with_head = _est(model="gpt2", targets="c_attn,lm_head", seq_len=128, autocast="bf16")
+    without = _est(model="gpt2", targets="c_attn", seq_len=128, autocast="bf16")
+    assert with_head.components["activations"] - without.components["activations"] == \
+        128 * ((768 + 8) * 2 + 768) + 8 * (768 + 50257) * 2
 
 
 def test_tensor_level_estimate_leaves_out_runtime_terms():
@@ -323,7 +329,8 @@ def test_at_the_sliding_window_sdpa_gets_a_mask_and_the_memory_efficient_kernel(
     memory-efficient kernel then saves q, repeated k/v, the output and the additive mask, never S x S
     probabilities. memplan simulate (CUDA semantics) on the issue's setup: 13,736 MiB at 4,095 tokens (math
     kernel), 9,345 MiB at 4,096 (efficient); the estimate was 15,845 MiB at 4,096 (+70%)."""
-    qlora = dict(method="qlora", bits=4, rank=16, targets="all-linear", optimizer="paged_adamw_32bit")
+    qlora = dict(method="qlora", bits=4, rank=16, targets="all-linear", optimizer="paged_adamw_32bit",
+                 autocast="off")
     below, below_kernel = _mistral(4095, **qlora)
     at, at_kernel = _mistral(4096, **qlora)
     assert (below_kernel, at_kernel) == ("math", "flash")
@@ -332,8 +339,8 @@ def test_at_the_sliding_window_sdpa_gets_a_mask_and_the_memory_efficient_kernel(
     assert any("less memory than one just below the window" in n for n in at.notes)
     assert not any("sliding window" in n for n in below.notes)
     # bf16 (no upcast): flash below the window with native GQA; at it, repeated k/v and the mask cost more
-    bf16_below, k1 = _mistral(4095, rank=16)
-    bf16_at, k2 = _mistral(4096, rank=16)
+    bf16_below, k1 = _mistral(4095, rank=16, autocast="off")
+    bf16_at, k2 = _mistral(4096, rank=16, autocast="off")
     assert (k1, k2) == ("flash", "flash") and bf16_at.total_bytes > bf16_below.total_bytes
     assert any("sliding window" in n for n in bf16_at.notes)
     assert not any("less memory" in n for n in bf16_at.notes)

@@ -337,7 +337,8 @@ def test_checkpointing_leaves_backward_end_as_it_is():
     end = {}
     for method, extra in (("full", dict(optimizer="sgd")), ("lora", {}), ("qlora", {})):
         off, on = (estimate_for(spec, resolve_setup(TrainSetup("opt-125m", method=method, grad_ckpt=ckpt,
-                                                               dtype="bf16", seq_len=512, **extra), spec),
+                                                               dtype="bf16", seq_len=512, autocast="off",
+                                                               **extra), spec),
                                 include_runtime=False)
                    for ckpt in (False, True))
         assert on.phases["backward_end"] == off.phases["backward_end"], method

@@ -52,7 +52,7 @@ def test_factors_multiply_and_name_their_parts():
     assert int8.factor == pytest.approx(1.95)
     assert int8.describe() == ("~1.95x the step time of 16-bit weights without checkpointing "
                                "(LLM.int8 1.30, checkpointing 1.50)")
-    nf4 = step_time(_resolved(method="qlora", bits=4))
+    nf4 = step_time(_resolved(method="qlora", bits=4, grad_ckpt=False))
     assert nf4.parts == {"4-bit nf4": 1.30}
 
 
