@@ -179,13 +179,30 @@ def _precision_table() -> str:
     return "\n".join(lines)
 
 
+def _published_summary() -> str:
+    from memplan.measure.published import load_published, score_published
+    from memplan.reports.published import FRAMEWORK_LABELS, summarize
+
+    s = summarize(score_published(load_published(ROOT / "profiles" / "published" / "measurements.csv")))
+    lines = [f"{'framework (grade A/B rows)':<52} {'rows':>4} {'median |err|':>12} {'worst |err|':>11}"]
+    for fw, st in s["ab_by_framework"].items():
+        lines.append(f"{FRAMEWORK_LABELS[fw]:<52} {st['n']:>4} {100 * st['median_abs_error']:>11.1f}% "
+                     f"{100 * st['worst_abs_error']:>10.1f}%")
+    ab = s["ab"]
+    lines.append(f"{'all':<52} {ab['n']:>4} {100 * ab['median_abs_error']:>11.1f}% "
+                 f"{100 * ab['worst_abs_error']:>10.1f}%")
+    lines.append(f"claims (OOM on X / fits in X) answered right: {s['claims_right']} of {s['claims']}; "
+                 f"rows skipped with a reason: {s['skipped']} of {s['rows']}")
+    return "\n".join(lines)
+
+
 def _example_script() -> str:
     return (ROOT / "examples" / "train_qlora.py").read_text()
 
 
 GENERATORS = {"preflight-wontfit": _preflight_wontfit, "capacity-table": _capacity_table,
               "capacity-frame": _capacity_frame, "example-script": _example_script,
-              "precision-table": _precision_table}
+              "precision-table": _precision_table, "published-summary": _published_summary}
 
 
 # --- the tests ------------------------------------------------------------------------------------------------

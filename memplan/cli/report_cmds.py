@@ -81,6 +81,8 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--prefer", choices=PREFERENCES, default=DEFAULT_PREFER,
                    help=f"the ranking of each cell, as memplan fit --prefer (default {DEFAULT_PREFER})")
     p.add_argument("--curve-model", default=None, help="model of the peak-vs-batch/sequence figure (default: ~8B)")
+    p.add_argument("--versions", default=None, metavar="PKG=VER[,...]",
+                   help="library versions to plan for, as memplan fit --versions (default: the installed ones)")
     p.add_argument("--runs", default=None, metavar="DIR",
                    help="run records to list beside the estimates (default: the catalog's runs/)")
     p.add_argument("--profiles", metavar="DIR", help="catalog folder (default: MEMPLAN_PROFILES or the bundled one)")
@@ -108,6 +110,8 @@ def _run_capacity(args) -> int:
     for name in gpus:
         load_gpu(name, profiles_dir=args.profiles)
     check_headroom(args.headroom)
+    from memplan.plan.versions import resolve_versions
+    resolve_versions(args.versions)  # a bad --versions is reported before the report extra is needed
     require("matplotlib")
     from memplan.fileio import fresh_dir_name, prepare_output_dir
     from memplan.reports.capacity_docs import capacity_files
@@ -117,13 +121,13 @@ def _run_capacity(args) -> int:
     t0 = time.perf_counter()
     with ProgressBar("capacity: the fit search per cell") as bar:
         rows = capacity_rows(models, gpus, seq_lens, profiles_dir=args.profiles, headroom=args.headroom,
-                             prefer=args.prefer, progress=bar.update)
+                             prefer=args.prefer, progress=bar.update, versions=args.versions)
     parts = ["memplan", "report", "capacity"]
     for flag, value in (("--models", args.models and ",".join(models)), ("--gpus", args.gpus and ",".join(gpus)),
                         ("--seq-len", args.seq_len and ",".join(map(str, seq_lens))),
                         ("--headroom", args.headroom),
                         ("--prefer", args.prefer if args.prefer != DEFAULT_PREFER else None),
-                        ("--curve-model", args.curve_model),
+                        ("--curve-model", args.curve_model), ("--versions", args.versions),
                         ("--format", ",".join(args.format)), ("--out", str(out_dir))):
         if value is not None:
             parts += [flag, str(value)]

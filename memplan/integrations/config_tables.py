@@ -206,8 +206,6 @@ _FSDP = _warn("FSDP sharding is NOT modelled: the estimate is one GPU holding ev
 _COMPILE = _warn("torch.compile changes activation memory (fusion, CUDA graphs); not modelled")
 _SAVE = _warn("modules_to_save train a full-precision copy of those modules (weights, gradients, optimizer "
               "state): not modelled, the estimate is low")
-_ACCUM = _note("no effect on the peak: each micro-batch's activations are freed before the next",
-               _more_than_one)
 _PACKING = _note("packing changes no per-step memory at a fixed length: modelled as full sequences of sequence_len")
 _OFFLOAD = _warn("activation offloading to host memory is not modelled: activations are counted on the GPU")
 _LIGER = _warn("Liger kernels (fused linear cross-entropy) are not modelled: logits + loss are counted in full")
@@ -227,7 +225,7 @@ _TRAINING_ARGS: dict[str, tuple[str | None, Converter]] = {
     "tf32": (None, lambda v, raw: _SILENT),  # matmul precision only: no memory effect
     "gradient_checkpointing_kwargs": (None, _ckpt_kwargs),
     "activation_checkpointing_kwargs": (None, _ckpt_kwargs),
-    "gradient_accumulation_steps": (None, _ACCUM),
+    "gradient_accumulation_steps": ("grad_accum", _int),
     "per_device_eval_batch_size": (None, _eval_batch("per_device_train_batch_size")),
     "deepspeed": (None, _DEEPSPEED),
     "fsdp": (None, _FSDP),
@@ -347,7 +345,7 @@ _AXOLOTL: dict[str, tuple[str | None, Converter]] = {
     "flex_attention": (None, _note("flex attention is estimated as sdpa")),
     "s2_attention": (None, _warn("shifted-sparse attention is not modelled")),
     "sample_packing": (None, _PACKING),
-    "gradient_accumulation_steps": (None, _ACCUM),
+    "gradient_accumulation_steps": ("grad_accum", _int),
     "eval_batch_size": (None, _eval_batch("micro_batch_size")),
     "group_by_length": (None, _note("batches grouped by length: the peak is still the longest batch")),
     "auto_find_batch_size": (None, _note("the Trainer halves the batch after an out-of-memory error")),

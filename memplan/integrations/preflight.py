@@ -51,6 +51,7 @@ from memplan.plan.breakdown import COMPONENT_LABELS
 from memplan.plan.budget import Budget, check_headroom
 from memplan.plan.estimate import Estimate, estimate_for
 from memplan.plan.setup import DEFAULT_SEQ_LEN, TrainSetup, describe_setup, resolve_setup
+from memplan.plan.versions import describe_versions
 from memplan.units import format_gib
 
 from .live_model import LiveModelInfo, is_live_model, read_live_model, simplify_targets
@@ -59,7 +60,8 @@ from .training_configs import map_training_config, merge_layers
 __all__ = ["preflight", "check", "Checked", "NoDeviceError", "PreflightWarning", "setup_fields_from_training_args",
            "setup_fields_from_lora_config", "setup_fields_from_bnb_config"]
 
-_SETUP_FIELDS = tuple(f.name for f in fields(TrainSetup) if f.name not in ("model", "gpu"))
+# (versions: preflight checks the run of this process, so it plans for the libraries installed here)
+_SETUP_FIELDS = tuple(f.name for f in fields(TrainSetup) if f.name not in ("model", "gpu", "versions"))
 
 
 class NoDeviceError(MemplanError):
@@ -192,6 +194,10 @@ def check(model, *, training_args=None, lora_config=None, bnb_config=None, seq_l
     """``preflight``, returning the budget beside the estimate (the Trainer callback says both)."""
     from memplan.catalog.gpus import as_gpu
 
+    if "versions" in setup_fields:
+        raise InvalidSetupError(f"preflight checks the run of this process, with the libraries installed here "
+                                f"({describe_versions(None)}); versions= plans another stack: use memplan.estimate "
+                                f"or memplan estimate --versions")
     unknown = sorted(set(setup_fields) - set(_SETUP_FIELDS))
     if unknown:
         raise InvalidSetupError(f"preflight() got unknown setup field(s) {', '.join(unknown)}; allowed: "
@@ -263,6 +269,7 @@ def check(model, *, training_args=None, lora_config=None, bnb_config=None, seq_l
             notes.append(f"the live model has {live.params_total:,} parameters ({live.params_trainable:,} trainable); "
                          f"the estimate counts {expected_total:,} ({est.params.trainable:,}) from its config")
     notes.append(f"compared with the {budget.describe()}")
+    notes.append(f"library versions: {describe_versions(resolved.versions)}")
     est = replace(est, notes=est.notes + tuple(notes))
     if budget.fits(est.total_bytes):
         return Checked(est, budget)

@@ -31,6 +31,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 
 from memplan.catalog.models.targets import lora_target_arg
 from memplan.plan.setup import default_attention
+from memplan.plan.versions import parse_version
 from memplan.plan.weights import load_dtype
 
 from .dtypes import torch_dtype
@@ -93,7 +94,7 @@ def _build(spec, setup, *, device: str, fake: bool, attn_implementation: str | N
     attn = attn_implementation or setup.attn
     if attn == "flash_attention_2" and attn_implementation is None and importlib.util.find_spec("flash_attn") is None:
         # no flash_attn package (there is none for CPU): sdpa is the nearest kernel transformers can run
-        attn = default_attention(spec)
+        attn = default_attention(spec, setup.versions)
         info.notes.append(f"flash_attention_2 needs the flash_attn package: built with {attn} attention")
     info.attn_implementation = attn
 
@@ -104,7 +105,9 @@ def _build(spec, setup, *, device: str, fake: bool, attn_implementation: str | N
         warnings.simplefilter("ignore")
         # The meta build must not run under a FakeTensorMode (see the module docstring).
         with unset_fake_temporarily(), torch.device("meta"):
-            model = auto.from_config(cfg, dtype=torch_dtype(load_dtype(setup)), attn_implementation=attn)
+            # transformers 4.56 renamed from_config's torch_dtype= to dtype= (modeling_utils.py _from_config)
+            dtype_kw = "dtype" if parse_version(transformers.__version__) >= (4, 56, 0) else "torch_dtype"
+            model = auto.from_config(cfg, **{dtype_kw: torch_dtype(load_dtype(setup))}, attn_implementation=attn)
             if setup.bits in (4, 8):
                 replace_with_bnb(model, spec, setup, info)
             model = _prepare(model, spec, setup)
@@ -137,8 +140,10 @@ def _name_the_loss(model, spec) -> None:
     """transformers derives ``loss_type`` from the class name and, for classes it cannot map (OPTForCausalLM
     ...), logs "`loss_type=None` was set in the config but it is unrecognized" at the first forward before
     using the default: name that default, so that the run prints nothing (modeling_utils.py loss_function)."""
-    from transformers.loss.loss_utils import LOSS_MAPPING
-
+    try:
+        from transformers.loss.loss_utils import LOSS_MAPPING
+    except ImportError:  # transformers < 4.46: each model computes its own loss, nothing to name
+        return
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if getattr(base, "loss_type", None) not in LOSS_MAPPING:
         base.loss_type = "ForCausalLM" if spec.is_causal_lm else "ForMaskedLM"
@@ -175,12 +180,17 @@ def _prepare(model, spec, setup):
         r=setup.rank, lora_alpha=setup.alpha, target_modules=lora_target_arg(spec, setup.targets),
         lora_dropout=setup.lora_dropout, bias="none", task_type="CAUSAL_LM" if spec.is_causal_lm else None,
     )
-    model = peft.get_peft_model(model, cfg, autocast_adapter_dtype=setup.adapter_dtype == "fp32")
-    if setup.adapter_dtype != "fp32":
-        dt = torch_dtype(setup.adapter_dtype)
-        for p in model.parameters():
-            if p.requires_grad:
-                p.data = p.data.to(dt)
+    import inspect
+
+    # peft >= 0.12 keeps adapters in fp32 with autocast_adapter_dtype=True; older peft has no such argument and
+    # gives them the base layer's float dtype (memplan.plan.versions, rule "adapters-in-base-dtype")
+    kw = ({"autocast_adapter_dtype": setup.adapter_dtype == "fp32"}
+          if "autocast_adapter_dtype" in inspect.signature(peft.get_peft_model).parameters else {})
+    model = peft.get_peft_model(model, cfg, **kw)
+    dt = torch_dtype(setup.adapter_dtype)
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != dt:
+            p.data = p.data.to(dt)
     return model
 
 

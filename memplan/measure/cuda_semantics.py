@@ -55,7 +55,12 @@ def fake_fidelity_patches():
     and the packed-sequence check makes the real run's temporaries and gives the real run's answer (the
     simulated batches are never packed) without reading values fake tensors do not have.
     """
-    from transformers import masking_utils as mu
+    try:
+        from transformers import masking_utils as mu
+    except ImportError:  # transformers < 4.53 (no masking_utils): its own data-dependent check, below
+        with _old_mask_patch():
+            yield
+        return
 
     orig_is_tracing = mu.is_tracing
     orig_find_packed = mu.find_packed_sequence_indices
@@ -83,6 +88,44 @@ def fake_fidelity_patches():
         mu.find_packed_sequence_indices = orig_find_packed
 
 
+@contextlib.contextmanager
+def _old_mask_patch():
+    """transformers < 4.53: models that build an all-ones 2-D attention mask (OPT) ask
+    ``AttentionMaskConverter._ignore_causal_mask_sdpa`` whether ``torch.all(attention_mask == 1)``, which a
+    fake tensor cannot answer. The simulated batches are never padded: make the check's temporaries and give
+    the real run's answer, as for a model that passes no mask (modeling_attn_mask_utils.py, 4.48.3:243-300)."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+    from transformers.modeling_attn_mask_utils import AttentionMaskConverter as amc
+
+    orig = amc.__dict__["_ignore_causal_mask_sdpa"]
+
+    def ignore_causal_mask_sdpa(attention_mask, inputs_embeds, past_key_values_length, sliding_window=None,
+                                is_training=False):
+        if isinstance(attention_mask, torch._subclasses.FakeTensor) and attention_mask.dim() == 2:
+            torch.all(attention_mask == 1)  # the check the real run evaluates (its temporaries)
+            attention_mask = None
+        return orig.__func__(attention_mask, inputs_embeds, past_key_values_length, sliding_window, is_training)
+
+    orig_rand = torch.rand
+
+    def rand(*size, **kwargs):
+        # OPT's LayerDrop draws torch.rand([]) and compares it with layerdrop (0.0) on every layer in training
+        # (models/opt/modeling_opt.py, 4.48.3:913-915): a fake scalar cannot be compared (nor a real one under the
+        # fake mode), so the draw is a Python number; the real run's 0-dim tensor is 4 bytes, never alive long
+        if size in ((), ([],)) and not kwargs:
+            with unset_fake_temporarily():
+                return orig_rand([]).item()
+        return orig_rand(*size, **kwargs)
+
+    amc._ignore_causal_mask_sdpa = staticmethod(ignore_causal_mask_sdpa)
+    torch.rand = rand
+    try:
+        yield
+    finally:
+        amc._ignore_causal_mask_sdpa = orig
+        torch.rand = orig_rand
+
+
 def _compute_capability(gpu) -> float:
     try:
         return float(gpu.compute_capability) if gpu is not None else 8.0
@@ -94,8 +137,11 @@ def _compute_capability(gpu) -> float:
 def cuda_patches(spec, setup, gpu):
     """Patch what differs between CPU and CUDA kernels (module docstring); yields notes; restores on exit."""
     import transformers
-    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 
+    try:
+        from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+    except ImportError:  # transformers < 4.53: no registrable mask functions (flash_attention_2 not simulated)
+        AttentionMaskInterface = flash_attention_mask = None
     notes: list[str] = []
     cc = _compute_capability(gpu)
     used: dict[str, int] = {}
@@ -167,8 +213,9 @@ def cuda_patches(spec, setup, gpu):
 
     F.dropout = cuda_dropout
     F.scaled_dot_product_attention = cuda_sdpa
-    transformers.AttentionInterface.register(SIM_ATTN, sim_flash_attention)
-    AttentionMaskInterface.register(SIM_ATTN, flash_attention_mask)
+    if AttentionMaskInterface is not None:
+        transformers.AttentionInterface.register(SIM_ATTN, sim_flash_attention)
+        AttentionMaskInterface.register(SIM_ATTN, flash_attention_mask)
     if bnb is not None:
         saved_bnb["matmul"] = bnb.matmul
         bnb.matmul = cuda_int8_matmul
@@ -177,8 +224,9 @@ def cuda_patches(spec, setup, gpu):
     finally:
         F.dropout = orig_dropout
         F.scaled_dot_product_attention = orig_sdpa
-        transformers.AttentionInterface._global_mapping.pop(SIM_ATTN, None)
-        AttentionMaskInterface._global_mapping.pop(SIM_ATTN, None)
+        if AttentionMaskInterface is not None:
+            transformers.AttentionInterface._global_mapping.pop(SIM_ATTN, None)
+            AttentionMaskInterface._global_mapping.pop(SIM_ATTN, None)
         if bnb is not None:
             bnb.matmul = saved_bnb["matmul"]
         if used:

@@ -100,6 +100,7 @@ def resolve_for_device(setup, device: str, profiles_dir=None):
     from memplan.catalog.gpus import detect_local_gpu
     from memplan.catalog.models import load_model
     from memplan.plan.setup import resolve_setup
+    from memplan.plan.versions import check_installed
 
     spec = load_model(setup.model, profiles_dir=profiles_dir)
     gpu = None
@@ -118,6 +119,7 @@ def resolve_for_device(setup, device: str, profiles_dir=None):
             notes.append("dtype fp32, no autocast: this CPU has no native bf16 matmul (no avx512_bf16 / amx_bf16 "
                          "flag), where bf16 runs ~45x slower; --dtype bf16 (--autocast bf16) to force it")
     resolved = resolve_setup(setup, spec, gpu)
+    check_installed(resolved.versions, "memplan profile")  # it runs the installed libraries (memplan.plan.versions)
     if device == "cpu":
         resolved = resolved.with_(gpu=None)
     return spec, resolved, notes

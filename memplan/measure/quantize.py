@@ -23,6 +23,7 @@ import math
 import torch
 from torch import nn
 
+from memplan.catalog.models.layouts import expert_module_names
 from memplan.plan.weights import DQ_BLOCK, DQ_CODE_VALUES, NF4_BLOCK, NF4_CODE_VALUES, load_dtype
 
 from .dtypes import torch_dtype
@@ -36,8 +37,8 @@ LLM_INT8_THRESHOLD = 6.0  # transformers BitsAndBytesConfig.llm_int8_threshold d
 def _quantized_names(spec) -> set[str]:
     names = set()
     for lin in spec.layer_linears:
-        if lin.quantized_by_bnb and lin.peft_target == "module":
-            names.update(f"{spec.layer_prefix}.{i}.{lin.name}" for i in range(spec.num_layers))
+        if lin.quantized_by_bnb and lin.peft_target == "module":  # (transformers 4.x Mixtral: one per expert)
+            names.update(n for i in range(spec.num_layers) for n in expert_module_names(spec, i, lin))
     names.update(lin.name for lin in spec.top_linears if lin.quantized_by_bnb and lin.peft_target == "module")
     return names
 
@@ -49,7 +50,9 @@ def replace_with_bnb(model, spec, setup, info) -> None:
 
     wanted = _quantized_names(spec)
     for name, module in list(model.named_modules()):
-        if name not in wanted or not (type(module) is nn.Linear or isinstance(module, Conv1D)):
+        # (the spec names what the installed transformers quantizes: exact nn.Linear from 5.5, subclasses such as
+        # FalconLinear before -- memplan.plan.versions, rule "bnb-quantizes-linear-subclasses")
+        if name not in wanted or not isinstance(module, (nn.Linear, Conv1D)):
             continue
         if isinstance(module, Conv1D):
             in_f, out_f = module.weight.shape

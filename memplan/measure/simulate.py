@@ -43,8 +43,12 @@ from memplan.plan.breakdown import COMPONENTS, PHASES, ParamCounts
 from memplan.plan.optimizers import resolve_optimizer
 from memplan.plan.runtime import CUDA_BLOCK_BYTES
 from memplan.plan.setup import TrainSetup, resolve_setup
+from memplan.plan.stack_effects import layout_for
+from memplan.plan.versions import check_installed
 
 from .autocast import autocast_for, cuda_autocast_policy
+from .bnb_legacy import legacy_4bit_kernels
+from .moe_legacy import balanced_routing
 from .dtypes import torch_dtype
 from .build import build_training_model
 from .cuda_semantics import SIM_ATTN, CudaKernels, cuda_patches, fake_fidelity_patches
@@ -120,6 +124,8 @@ def simulate_for(spec, setup: TrainSetup, gpu=None, *, steps: int = 2, device_se
                                 f"{', '.join(DEVICE_SEMANTICS)}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise InvalidSetupError(f"invalid steps {steps!r}; must be an integer >= 1")
+    check_installed(setup.versions, "memplan simulate")
+    spec = layout_for(spec, setup.versions)  # the modules the installed transformers builds (Mixtral 4.x)
     t0 = time.perf_counter()
     cuda = device_semantics == "cuda"
     notes: list[str] = []
@@ -128,6 +134,9 @@ def simulate_for(spec, setup: TrainSetup, gpu=None, *, steps: int = 2, device_se
         warnings.simplefilter("ignore")
         stack.enter_context(_quiet_bnb_logger())
         stack.enter_context(fake_fidelity_patches())
+        stack.enter_context(legacy_4bit_kernels(setup))  # bitsandbytes < 0.46: fake-tensor dequantize_4bit
+        if any(lin.num_experts > 1 and lin.peft_target == "module" for lin in spec.layer_linears):
+            stack.enter_context(balanced_routing(spec))  # transformers 4.x experts loop: torch.where routing
         attn = None
         cuda_notes: list[str] = []  # filled when the patches are undone
         if cuda:

@@ -1,10 +1,13 @@
 """The one training-step loop of ``memplan simulate`` and ``memplan profile``, as ``transformers.Trainer`` runs it.
 
-A fresh batch per step (``input_ids`` plus the collator's ``labels`` copy, int64, no padding, no attention
+A fresh batch per micro-step (``input_ids`` plus the collator's ``labels`` copy, int64, no padding, no attention
 mask), ``loss = model(**batch).loss`` (``Trainer.compute_loss`` keeps only the loss: the output object with the
 logits is dropped before backward), ``loss.backward()``, then ``optimizer.step()`` and
-``zero_grad(set_to_none=True)`` in one phase (zero_grad allocates nothing). Sharing it is what makes a CPU run
-and its simulation the same computation, to the byte (tests/measure/test_simulate.py).
+``zero_grad(set_to_none=True)`` in one phase (zero_grad allocates nothing). With gradient accumulation
+(``setup.grad_accum`` > 1) two micro-batches run before each optimizer step: from the second on the memory is
+the same (the earlier gradients held, the new ones added in place), so two show the peak of any number.
+Sharing it is what makes a CPU run and its simulation the same computation, to the byte
+(tests/measure/test_simulate.py).
 """
 
 from __future__ import annotations
@@ -37,15 +40,18 @@ def run_steps(model, optimizer, recorder: StepRecorder, spec, setup, *, steps: i
     ``autocast`` is a context-manager factory the forward runs under (mixed precision); ``on_step(step)`` is
     called after each completed step (progress, Ctrl-C checks)."""
     done = 0
+    micro_steps = min(getattr(setup, "grad_accum", 1), 2)
     for step in range(1, steps + 1):
-        batch = make_batch(spec, setup, device=device)
-        recorder.register_inputs(batch)
-        with recorder.phase("forward", step):
-            with autocast():
-                loss = forward_loss(model, batch)
-        with recorder.phase("backward", step):
-            loss.backward()
-        del loss  # Trainer.training_step returns loss.detach(): the graph dies with the step's loss
+        for _ in range(micro_steps):
+            batch = None  # the earlier micro-batch's ids go before the next are made
+            batch = make_batch(spec, setup, device=device)
+            recorder.register_inputs(batch)
+            with recorder.phase("forward", step):
+                with autocast():
+                    loss = forward_loss(model, batch)
+            with recorder.phase("backward", step):
+                loss.backward()
+            del loss  # Trainer.training_step returns loss.detach(): the graph dies with the step's loss
         with recorder.phase("optimizer_step", step):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

@@ -35,10 +35,10 @@ __all__ = ["MatrixRow", "RunRow", "MATRIX_MODELS", "MATRIX_VARIATIONS", "MATRIX_
 # The setup columns of validation_matrix.csv (written by memplan.reports.validation, read by rescore_matrix).
 MATRIX_SETUP_KEYS = ("model", "method", "bits", "quant_type", "double_quant", "dtype", "rank", "targets",
                      "lora_dropout", "optimizer", "batch_size", "seq_len", "grad_ckpt", "attn", "autocast",
-                     "upcast_non_quantized")
+                     "upcast_non_quantized", "grad_accum")
 # Written before the precision knobs, a matrix CSV has neither column: those runs had no autocast and the
-# default k-bit preparation.
-MATRIX_KEY_DEFAULTS = {"autocast": "off", "upcast_non_quantized": None}
+# default k-bit preparation; before gradient accumulation, one micro-batch per step.
+MATRIX_KEY_DEFAULTS = {"autocast": "off", "upcast_non_quantized": None, "grad_accum": 1}
 
 
 @dataclass(frozen=True)
@@ -235,7 +235,7 @@ def rescore_matrix(csv_path: str | os.PathLike, *, profiles_dir=None) -> list[Ma
     for line, rec in enumerate(reader, start=2):
         try:
             knobs = {k: rec.get(k) or MATRIX_KEY_DEFAULTS.get(k) for k in MATRIX_SETUP_KEYS}
-            for k in ("bits", "rank", "batch_size", "seq_len"):
+            for k in ("bits", "rank", "batch_size", "seq_len", "grad_accum"):
                 knobs[k] = int(knobs[k])
             knobs["lora_dropout"] = float(knobs["lora_dropout"])
             for k in ("double_quant", "grad_ckpt"):

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from memplan.units import ceil_div
 
+from .attention import KV_BROADCAST, model_mask_bytes, repeats_kv, sdpa_kernel, sdpa_mask_materialised
 from .dtypes import DTYPE_BYTES
 from .precision import autocast_bytes
 from .trainable import adapted_linears
@@ -71,19 +72,16 @@ def _norm_saved_per_token(spec: ModelSpec, hb: int, width: int, trainable: bool,
     return saved
 
 
-# Falcon broadcasts its shared k/v head to every head with ``expand`` (a view, modeling_falcon.py) and calls
-# SDPA without enable_gqa: no GQA kernel constraint and no k/v copies, in SDPA and eager alike.
-_KV_BROADCAST = frozenset({"falcon"})
 # Eager attention that takes the softmax in the input dtype instead of fp32 + cast back: GPT-2
 # (``softmax(attn_weights, dim=-1)`` then ``.type(value.dtype)``), BERT and Falcon (modeling_<type>.py).
 _EAGER_SOFTMAX_IN_INPUT_DTYPE = frozenset({"gpt2", "bert", "falcon"})
 
 
 def attention_kernel(spec: ModelSpec, setup: TrainSetup) -> str:
-    """The kernel that saves the attention activations of ``setup`` on CUDA (see ``_attention_kernel``), for the
-    residual stream's dtype: the one place the activation and the backward terms take it from."""
-    return _attention_kernel(spec, setup.attn, autocast_bytes(setup) or residual_bytes(spec, setup),
-                             sdpa_mask_materialised(spec, setup))
+    """The kernel that saves the attention activations of ``setup`` on CUDA (``memplan.plan.attention.sdpa_kernel``),
+    for the residual stream's dtype: the one place the activation and the backward terms take it from."""
+    return sdpa_kernel(spec, setup.attn, autocast_bytes(setup) or residual_bytes(spec, setup),
+                       sdpa_mask_materialised(spec, setup), repeats_kv(spec, setup))
 
 
 def residual_bytes(spec: ModelSpec, setup: TrainSetup) -> int:
@@ -103,45 +101,12 @@ def _bnb_layers(spec: ModelSpec, bits: int) -> bool:
     return bits in (4, 8) and any(lin.quantized_by_bnb for lin in spec.layer_linears)
 
 
-def sdpa_mask_materialised(spec: ModelSpec, setup: TrainSetup) -> bool:
-    """Whether transformers hands SDPA an explicit mask for an unpadded batch: with a sliding window, once the
-    sequence reaches the window. ``masking_utils._ignore_causal_mask_sdpa`` refuses the ``is_causal`` shortcut
-    when ``kv_length >= local_attention_size`` (transformers 5.24 masking_utils.py:286-287), so
-    ``create_sliding_window_causal_mask`` builds a (1, 1, S, S) bool mask, expanded (a view) to the batch
-    (masking_utils.py ``sdpa_mask``), even where it is plain causal. Mistral (window 4096), Phi-3 (2047) and
-    Qwen2 with ``use_sliding_window``; Gemma-2 runs eager attention only."""
-    return setup.attn == "sdpa" and spec.sliding_window is not None and setup.seq_len >= spec.sliding_window
-
-
-def _attention_kernel(spec: ModelSpec, attn: str, a: int, masked: bool = False) -> str:
-    """What saves the attention activations on CUDA: "flash" (flash or memory-efficient SDPA kernels and
-    flash_attention_2 save the same tensors), "math" (SDPA's math fallback) or "eager".
-
-    torch 2.13 SDPA selection (aten/src/ATen/native/transformers/cuda/sdp_utils.cpp): flash needs fp16/bf16,
-    head_dim <= 256 and no explicit mask, and supports GQA; memory-efficient also takes fp32 and masks but not
-    GQA; otherwise math. transformers passes enable_gqa only without a mask (integrations/sdpa_attention.py
-    use_gqa_in_sdpa, lines 42-51); with a mask (``masked``, see ``sdpa_mask_materialised``) it repeats k/v to
-    every head itself, so the memory-efficient kernel takes the call whatever the dtype: "flash"-class, with
-    repeated k/v and the mask saved (``_layer_activations_cached``).
-    """
-    if attn != "sdpa":
-        return "flash" if attn == "flash_attention_2" else "eager"
-    if masked:
-        return "flash"
-    gqa = spec.num_key_value_heads < spec.num_attention_heads and spec.model_type not in _KV_BROADCAST
-    # gpt_bigcode too: in transformers 5.23 it builds its mask with masking_utils.create_causal_mask (None for an
-    # unpadded batch) and calls integrations/sdpa_attention.py, so multi-query attention is GQA with enable_gqa.
-    if a < 4 and spec.head_dim <= 256:
-        return "flash"
-    return "math" if gqa and spec.head_dim <= 256 else "flash"
-
-
 def layer_activations(spec: ModelSpec, setup: TrainSetup) -> LayerActivations:
     """Bytes one decoder layer keeps for backward, per token (and per token x seq for eager attention)."""
     return _layer_activations_cached(spec, setup.attn, setup.lora_dropout, setup.adapter_dtype, setup.rank,
                                      setup.targets or "", setup.method, setup.bits, setup.dtype,
                                      residual_bytes(spec, setup), sdpa_mask_materialised(spec, setup),
-                                     autocast_bytes(setup))
+                                     autocast_bytes(setup), repeats_kv(spec, setup))
 
 
 def checkpoint_input_per_token(spec: ModelSpec, setup: TrainSetup) -> int:
@@ -176,7 +141,7 @@ def _pre_norm(spec: ModelSpec) -> bool:
 @lru_cache(maxsize=4096)
 def _layer_activations_cached(spec: ModelSpec, attn: str, lora_dropout: float, adapter_dtype: str, rank: int,
                               targets: str, method: str, bits: int, dtype: str, hb: int,
-                              masked: bool = False, ac: int = 0) -> LayerActivations:
+                              masked: bool = False, ac: int = 0, kv_repeated: bool = False) -> LayerActivations:
     h = spec.hidden_size
     d = spec.head_dim
     q_dim = spec.num_attention_heads * d
@@ -195,14 +160,15 @@ def _layer_activations_cached(spec: ModelSpec, attn: str, lora_dropout: float, a
     # Norms: each saves its input (+ per-token statistics).
     per_tok += _norms_per_layer(spec) * _norm_saved_per_token(spec, a, h, trainable=full, ac=ac)
 
-    # Attention: which kernel saves what (see _attention_kernel).
-    kernel = _attention_kernel(spec, attn, att, masked)
+    # Attention: which kernel saves what (memplan.plan.attention.sdpa_kernel).
+    kernel = sdpa_kernel(spec, attn, att, masked, kv_repeated)
     if kernel == "flash":
         # flash / memory-efficient kernels (and flash_attention_2) save q, k, v, the output and an fp32
         # logsumexp per head and token (aten._scaled_dot_product_flash_attention's saved outputs,
         # docs/memory-model.md). GQA runs natively without repeat_kv when there is no mask
         # (transformers/integrations/sdpa_attention.py use_gqa_in_sdpa).
-        kv_saved = q_dim if masked and spec.model_type not in _KV_BROADCAST else kv_dim
+        # (k/v repeated by transformers -- with a mask, or on a stack without native GQA -- are head-sized)
+        kv_saved = q_dim if (masked or kv_repeated) and spec.model_type not in KV_BROADCAST else kv_dim
         per_tok += att * (q_dim + 2 * kv_saved + q_dim) + 4 * heads
         if masked:
             # SDPA turns the bool mask into an additive one in the query dtype (torch/nn/functional.py
@@ -212,7 +178,7 @@ def _layer_activations_cached(spec: ModelSpec, attn: str, lora_dropout: float, a
     else:
         # eager_attention_forward and SDPA's math kernel: k and v repeated to every head; the q @ k^T matmul
         # saves q and k.
-        kv_saved = kv_dim if spec.model_type in _KV_BROADCAST else q_dim
+        kv_saved = kv_dim if spec.model_type in KV_BROADCAST else q_dim
         per_tok += att * (q_dim + 2 * kv_saved)
         # The probabilities, per head and (token x position):
         # - eager, softmax in the input dtype (gpt2, bert, falcon): softmax saves its output;
@@ -325,13 +291,6 @@ def model_extras_per_token(spec: ModelSpec, setup: TrainSetup) -> int:
     return per_tok
 
 
-def model_mask_bytes(spec: ModelSpec, setup: TrainSetup) -> int:
-    """The model-level bool attention mask, when transformers builds one (``sdpa_mask_materialised``): one byte
-    per (query, key) position, (1, 1, S, S) expanded to the batch as a view, so independent of the batch. Every
-    layer's call reads it (and checkpointing keeps it as an input), so it lives through forward and backward."""
-    return setup.seq_len * setup.seq_len if sdpa_mask_materialised(spec, setup) else 0
-
-
 def full_backward_end(spec: ModelSpec, setup: TrainSetup) -> tuple[int, int, int]:
     """Full fine-tuning at backward_end, when the last gradient -- the input embedding's -- is made: (activations
     per token, transient bytes, transient bytes per token). Every layer's saved tensors are gone by then, with
@@ -376,6 +335,8 @@ def backward_transient_per_token(spec: ModelSpec, setup: TrainSetup) -> int:
     h, ffn = spec.hidden_size, spec.intermediate_size
     if spec.num_experts > 1:
         mlp = spec.num_experts_per_tok * 3 * ffn
+        if any(lin.num_experts > 1 and lin.peft_target == "module" for lin in spec.layer_linears):
+            mlp = ceil_div(mlp, spec.num_experts)  # transformers 4.x's experts loop: one expert's tokens at a time
     else:
         mlp = (3 if spec.mlp_kind == "gated" else 2) * ffn
     return residual_bytes(spec, setup) * (2 * h + mlp)

@@ -61,9 +61,12 @@ def smallest_changes(spec: ModelSpec, setup: TrainSetup, gpu: GPUSpec | None, bu
 
     if setup.batch_size > 1:
         lo, hi, best = 1, setup.batch_size - 1, None
+        def accum(b: int) -> int:  # micro-batches of b that keep the effective batch (held gradients: estimate)
+            return setup.grad_accum * -(-setup.batch_size // b)
+
         while lo <= hi:  # memory grows with the batch: bisect the largest one that fits
             mid = (lo + hi) // 2
-            e = est(replace(setup, batch_size=mid))
+            e = est(replace(setup, batch_size=mid, grad_accum=accum(mid)))
             if e is not None and budget.fits(e.total_bytes):
                 best, lo = (mid, e), mid + 1
             else:
@@ -72,9 +75,9 @@ def smallest_changes(spec: ModelSpec, setup: TrainSetup, gpu: GPUSpec | None, bu
             # Prefer a divisor of the batch: gradient accumulation then keeps the effective batch exactly.
             b_any = best[0]
             b = max(d for d in range(1, b_any + 1) if setup.batch_size % d == 0)
-            e = best[1] if b == b_any else est(replace(setup, batch_size=b))
+            e = best[1] if b == b_any else est(replace(setup, batch_size=b, grad_accum=accum(b)))
             largest = f"; {b_any} is the largest that fits" if b != b_any else ""
-            out.append(Change({"batch_size": b}, e,
+            out.append(Change({"batch_size": b, "grad_accum": accum(b)}, e,
                               f"micro-batch {setup.batch_size} -> {b} with gradient_accumulation_steps "
                               f"x{setup.batch_size // b} (the same effective batch{largest})"))
     if not setup.grad_ckpt:

@@ -32,7 +32,11 @@ from .optimizers import resolve_optimizer
 from .precision import autocast_weight_copies
 from .runtime import ALLOCATOR_OVERHEAD_FRACTION, CUBLAS_WORKSPACE_BYTES, cuda_context_bytes
 from .setup import TrainSetup, resolve_setup
-from .trainable import BNB_MIN_8BIT_SIZE, BNB_MIN_PAGED_SIZE, trainable
+from .stack_effects import (experts_note, int8_input_copies_per_token, layout_for, matmul4bit_inputs_per_token,
+                            optimizer_loops_per_tensor,
+                            stack_caveats)
+from .stack_effects import logits_bytes as stack_logits_bytes
+from .trainable import BNB_MIN_8BIT_SIZE, BNB_MIN_PAGED_SIZE, gradients_held, trainable
 from .weights import kbit_weights_note, load_dtype, static_terms
 
 if TYPE_CHECKING:
@@ -60,6 +64,7 @@ def estimate_for(spec: ModelSpec, setup: TrainSetup, gpu: GPUSpec | None = None,
     ``include_runtime=False`` leaves out what no tensor tracker sees (CUDA context, allocator overhead,
     cuBLAS workspace): the tensor-level peak that ``memplan simulate`` and the profiler's tracker measure.
     """
+    spec = layout_for(spec, setup.versions)  # the modules the setup's transformers builds (memplan.plan.versions)
     f = _fixed(spec, setup)
     base = dict(f.base, cuda_context=cuda_context_bytes(gpu) if include_runtime else 0)
     tokens = setup.batch_size * setup.seq_len
@@ -84,10 +89,18 @@ def estimate_for(spec: ModelSpec, setup: TrainSetup, gpu: GPUSpec | None = None,
         end_activations, end_transient = layer_bytes + extras, bwd_transient
 
     ws = CUBLAS_WORKSPACE_BYTES if include_runtime else 0
+    shift = f.logits_shift_per_token if setup.batch_size > 1 else 0  # a copy only past one sequence (stack_effects)
+    if gradients_held(setup):
+        # The gradients of the earlier micro-batches are held through this one's forward and backward; each new
+        # gradient is added in place (AccumulateGrad: ``variable.grad += new_grad``), so during backward the new
+        # one is a transient, at most the lm_head's (docs/memory-model.md, "Gradient accumulation").
+        grads_fwd, grads_bwd, new_grad = f.grad_bytes, f.grad_bytes, f.head_grad
+    else:
+        grads_fwd, grads_bwd, new_grad = 0, f.head_grad, 0
     phase_dynamic = {
-        "forward_end": (saved_all, f.logits_fwd_per_token * tokens, 0, ws),
-        "backward_start": (saved_all, f.logits_bwd_per_token * tokens, f.head_grad, ws),
-        "backward": (saved_in_backward, 0, f.head_grad, bwd_transient + ws),
+        "forward_end": (saved_all, (f.logits_fwd_per_token + shift) * tokens, grads_fwd, ws),
+        "backward_start": (saved_all, f.logits_bwd_per_token * tokens, grads_bwd, ws),
+        "backward": (saved_in_backward, 0, grads_bwd, bwd_transient + new_grad + ws),
         "backward_end": (end_activations, 0, f.grad_bytes, end_transient + ws),
         "optimizer_step": (0, 0, f.grad_bytes, f.opt_temp_bytes + ws),
     }
@@ -128,6 +141,7 @@ class _Fixed:
     ckpt_shared_per_token: int
     logits_fwd_per_token: int
     logits_bwd_per_token: int
+    logits_shift_per_token: int  # older transformers' shifted logits copy (batch > 1), memplan.plan.stack_effects
     bwd_per_token: int
     bwd_per_token_seq: int
     end_act_per_token: int  # full fine-tuning at backward_end (act.full_backward_end)
@@ -146,7 +160,7 @@ def _fixed(spec: ModelSpec, setup: TrainSetup) -> _Fixed:
     bisecting the batch and the longest sequence re-estimates the same setup dozens of times)."""
     key = (spec, setup.method, setup.bits, setup.quant_type, setup.double_quant, setup.dtype, setup.rank,
            setup.targets, setup.lora_dropout, setup.adapter_dtype, setup.optimizer, setup.attn,
-           setup.upcast_non_quantized, setup.autocast, act.sdpa_mask_materialised(spec, setup))
+           setup.upcast_non_quantized, setup.autocast, act.sdpa_mask_materialised(spec, setup), setup.versions)
     hit = _FIXED.get(key)
     if hit is None:
         if len(_FIXED) >= _FIXED_MAX:
@@ -171,7 +185,7 @@ def _compute_fixed(spec: ModelSpec, setup: TrainSetup) -> _Fixed:
     }
     # ---- what grows with the tokens (memplan.plan.activations)
     layer = act.layer_activations(spec, setup)
-    logits_fwd, logits_bwd = act.logits_bytes(spec, setup, 1)  # linear in the tokens
+    logits_fwd, logits_shift, logits_bwd = stack_logits_bytes(spec, setup)  # per token, as the stack's loss does
     # Full fine-tuning: the lm_head / tied-embedding gradient is produced with the logits gradient.
     head_grad = spec.vocab_size * spec.hidden_size * DTYPE_BYTES[load_dtype(setup)] if setup.method == "full" else 0
     end_act, end_transient, end_transient_per_token = act.full_backward_end(spec, setup)
@@ -181,6 +195,10 @@ def _compute_fixed(spec: ModelSpec, setup: TrainSetup) -> _Fixed:
     weights_note = kbit_weights_note(spec, setup, static)
     if weights_note:
         notes.append(weights_note)
+    moe_note = experts_note(spec, setup, static)  # transformers 5's fused experts, left float (memplan.plan.versions)
+    if moe_note:
+        notes.append(moe_note)
+    notes += stack_caveats(spec, setup)
     small, tensors, small_state = train.fp32_state_tensors(opt)
     if small and setup.trains_lora:
         # Real (bitsandbytes optim/optimizer.py: ``p.numel() < min_8bit_size`` -> 32-bit state): why the total
@@ -207,14 +225,19 @@ def _compute_fixed(spec: ModelSpec, setup: TrainSetup) -> _Fixed:
                          f"{BNB_MIN_PAGED_SIZE:,} values, and every trainable tensor is smaller")
     return _Fixed(
         base=base, grad_bytes=grad_bytes,
-        opt_temp_bytes=opt.foreach_temp_states * grad_bytes,  # same size and dtype as one state (= the grads)
+        # same size and dtype as one state (= the grads): every tensor's at once with foreach, one tensor's in a
+        # per-parameter loop (memplan.plan.stack_effects.optimizer_loops_per_tensor)
+        opt_temp_bytes=opt.foreach_temp_states * (train.largest_grad_bytes if optimizer_loops_per_tensor(opt, setup)
+                                                   else grad_bytes),
         paged_bytes=paged_bytes, head_grad=head_grad, dequant=act.dequant_transient_bytes(spec, setup),
-        layer_per_token=layer.per_token, layer_per_token_seq=layer.per_token_seq,
+        layer_per_token=layer.per_token + int8_input_copies_per_token(spec, setup)
+        + matmul4bit_inputs_per_token(spec, setup),
+        layer_per_token_seq=layer.per_token_seq,
         extras_per_token=act.model_extras_per_token(spec, setup),
         layer_weight_copies=copies[0], top_weight_copies=copies[1],
         ckpt_per_token=act.checkpoint_input_per_token(spec, setup),
         ckpt_shared_per_token=act.checkpoint_input_shared_per_token(spec, setup),
-        logits_fwd_per_token=logits_fwd, logits_bwd_per_token=logits_bwd,
+        logits_fwd_per_token=logits_fwd, logits_bwd_per_token=logits_bwd, logits_shift_per_token=logits_shift,
         bwd_per_token=act.backward_transient_per_token(spec, setup),
         bwd_per_token_seq=act.backward_transient_per_token_seq(spec, setup),
         end_act_per_token=end_act, end_transient=end_transient, end_transient_per_token=end_transient_per_token,

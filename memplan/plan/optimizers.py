@@ -43,6 +43,8 @@ class OptimizerSpec:
     foreach_temp_states: int  # temporaries of one state's size made during ``step()`` (torch foreach)
     factored: bool = False  # Adafactor
     backend: str = "torch"  # "torch" | "bitsandbytes" | "transformers"
+    # One parameter at a time (no foreach): its step temporaries are one tensor's, not every tensor's at once.
+    per_tensor_loop: bool = False
 
 
 def _torch(name: str, states: int, temps: int) -> OptimizerSpec:
@@ -67,6 +69,11 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
         _torch("rmsprop_centered", 2, 1),
         _torch("adagrad", 1, 1),
         OptimizerSpec("adafactor", 1, 32, True, False, 0, factored=True, backend="transformers"),
+        # transformers' own AdamW (TrainingArguments optim "adamw_hf": the Trainer's default in transformers
+        # 4.26.1 training_args.py:899-900, adamw_torch by 4.36.2 training_args.py:1090; 4.26.1 optimization.py
+        # AdamW.step:336-362): a Python loop over the parameters, whose ``exp_avg_sq.sqrt().add_(eps)`` is one
+        # temporary of the parameter's size at a time.
+        OptimizerSpec("adamw_hf", 2, 32, True, False, 1, backend="transformers", per_tensor_loop=True),
         _bnb("adamw_bnb_8bit", 2, 8, False),
         _bnb("adamw_bnb_32bit", 2, 32, False),
         _bnb("paged_adamw_8bit", 2, 8, True),
@@ -85,7 +92,6 @@ _ALIASES = {
     "adamw": "adamw_torch",
     "adam": "adam_torch",
     "torch_adamw": "adamw_torch",
-    "adamw_hf": "adamw_torch",
     "adamw_8bit": "adamw_bnb_8bit",
     "adam8bit": "adamw_bnb_8bit",
     "adamw8bit": "adamw_bnb_8bit",

@@ -30,6 +30,7 @@ from .estimate import Estimate, estimate_for
 from .setup import TrainSetup, resolve_setup, sequence_limit
 from .regimes import leaner_regimes
 from .speed import step_time
+from .stack_notes import fit_notes
 
 if TYPE_CHECKING:
     from memplan.catalog.gpus import GPUSpec
@@ -100,6 +101,7 @@ class FitResult:
     prefer: str = DEFAULT_PREFER  # what the ranking put first (PREFERENCES)
     # other precision regimes of the same script that fit a larger micro-batch (memplan.plan.regimes)
     regimes: tuple[RegimeAlternative, ...] = ()
+    notes: tuple[str, ...] = ()  # about the library stack (memplan.plan.stack_notes): fused MoE experts at 4 bits
 
     @property
     def budget_bytes(self) -> int:
@@ -129,6 +131,7 @@ class FitResult:
             },
             "recommended": plan(self.recommended) if self.recommended else None,
             "regimes": [r.to_dict() for r in self.regimes],
+            "notes": list(self.notes),
             "alternatives": [plan(e) for e in self.alternatives],
             "next_batch": None if self.next_batch is None else {
                 "estimate": self.next_batch.estimate.to_dict(),
@@ -309,7 +312,7 @@ def fit_for(spec: ModelSpec, setup: TrainSetup, gpu: GPUSpec | None, *, budget: 
         changes = _pinned_changes(spec, leanest.setup, gpu, budget, pinned)
         return FitResult(spec.name, gpu, headroom, budget, None, (), None, None,
                          smallest_gpu(spec, leanest.setup, headroom, profiles_dir), leanest, s.evaluated,
-                         changes=changes, max_batch=batches[-1], prefer=prefer)
+                         changes=changes, max_batch=batches[-1], prefer=prefer, notes=fit_notes(spec, leanest, gpu))
 
     ranked = sorted(best_by_combo, key=_rank_key(prefer), reverse=True)
     recommended = ranked[0]
@@ -326,7 +329,7 @@ def fit_for(spec: ModelSpec, setup: TrainSetup, gpu: GPUSpec | None, *, budget: 
     max_seq = s.max_seq(recommended.setup, limit or max(MAX_SEQ_SEARCH, spec.max_position_embeddings or 0))
     return FitResult(spec.name, gpu, headroom, budget, recommended, alternatives, next_batch, max_seq, None,
                      leanest, s.evaluated, max_seq_len_is_model_limit=max_seq == limit, max_batch=batches[-1],
-                     prefer=prefer, regimes=regimes)
+                     prefer=prefer, regimes=regimes, notes=fit_notes(spec, recommended, gpu))
 
 
 def _pinned_changes(spec: ModelSpec, leanest: TrainSetup, gpu: GPUSpec | None, budget: Budget,

@@ -19,8 +19,11 @@ from typing import TYPE_CHECKING
 
 from memplan.errors import InvalidSetupError
 
+from .attention import sdpa_supported
 from .dtypes import DTYPES
 from .optimizers import resolve_optimizer
+from .stack_effects import default_adapter_dtype, layout_for
+from .versions import resolve_versions, stack_of
 
 if TYPE_CHECKING:
     from memplan.catalog.gpus import GPUSpec
@@ -38,9 +41,10 @@ ATTN_IMPLEMENTATIONS = ("auto", "eager", "sdpa", "flash_attention_2")
 # torch.autocast around forward and loss (TrainingArguments bf16/fp16, accelerate mixed_precision), or none.
 AUTOCASTS = ("off", "bf16", "fp16")
 
-# transformers 5.23 model classes without ``_supports_sdpa = True`` (checked in
-# ``transformers/models/<type>/modeling_<type>.py``): asking them for SDPA raises, and ``auto`` picks eager.
-_NO_SDPA = frozenset({"bloom", "gemma2"})
+# Model classes without ``_supports_sdpa = True`` in the stack's transformers (memplan.plan.versions.SDPA_RELEASES,
+# rule "sdpa-support"): asking them for SDPA raises, and ``auto`` picks eager. Gemma-2 (SDPA ignores its attention
+# softcapping; transformers 5.21 dropped it) stays eager under ``auto`` on every stack.
+_AUTO_EAGER = frozenset({"gemma2"})
 # ... and without ``_supports_flash_attn = True``.
 _NO_FLASH = frozenset({"bloom"})
 
@@ -63,7 +67,7 @@ class TrainSetup:
     alpha: int | None = None  # does not change memory; default 2 * rank
     targets: str | None = None  # comma-separated module names, a regex, or "all-linear"; default: peft's
     lora_dropout: float = DEFAULT_LORA_DROPOUT
-    adapter_dtype: str = "fp32"  # peft ``autocast_adapter_dtype=True`` keeps adapters in fp32
+    adapter_dtype: str | None = None  # LoRA weights; default fp32 (peft >= 0.12 autocast_adapter_dtype=True)
     optimizer: str = "adamw_torch"  # the HF TrainingArguments default
     batch_size: int = 1
     seq_len: int = DEFAULT_SEQ_LEN
@@ -71,7 +75,11 @@ class TrainSetup:
     attn: str = "auto"
     upcast_non_quantized: bool | None = None  # peft.prepare_model_for_kbit_training; default on for 4/8 bits
     autocast: str | None = None  # "off", "bf16", "fp16": torch.autocast around forward and loss (AUTOCASTS)
+    grad_accum: int = 1  # micro-batches per optimizer step (TrainingArguments.gradient_accumulation_steps)
     gpu: str | None = None
+    # The library stack planned for, "transformers=4.48.3,peft=0.14.0" (any subset; memplan.plan.versions);
+    # resolved to all four packages: the given ones, the rest installed (else the newest memplan models).
+    versions: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -133,8 +141,8 @@ KNOBS: tuple[Knob, ...] = (
     Knob("targets", "--targets", "LoRA target modules: q_proj,v_proj | all-linear | a regex",
          default_text="peft's default for the architecture", searched=True),
     Knob("lora_dropout", "--lora-dropout", "LoRA dropout", float),
-    Knob("adapter_dtype", "--adapter-dtype", "dtype of the LoRA weights (peft keeps them fp32)",
-         choices=ADAPTER_DTYPES),
+    Knob("adapter_dtype", "--adapter-dtype", "dtype of the LoRA weights", choices=ADAPTER_DTYPES,
+         default_text="fp32 (peft >= 0.12; older peft: the base weights' dtype at 16 bits)"),
     Knob("optimizer", "--optimizer", "HF TrainingArguments.optim name: adamw_torch, adamw_bnb_8bit, "
          "paged_adamw_8bit, paged_adamw_32bit, sgd, sgd_momentum, rmsprop, adafactor, ...", searched=True),
     Knob("batch_size", "--batch-size", "micro-batch size per step", int, searched=True),
@@ -149,6 +157,11 @@ KNOBS: tuple[Knob, ...] = (
          "fp16=True and accelerate's mixed_precision run it", choices=AUTOCASTS,
          default_text="the compute dtype, as a Trainer script with bf16=True (fp16=True on cards without bf16); "
                       "for fp32 weights the card's half dtype (the Trainer's AMP)"),
+    Knob("grad_accum", "--grad-accum", "micro-batches accumulated per optimizer step (gradient_accumulation_steps): "
+         "from the second on, forward and backward run with the gradients of the earlier ones held", int),
+    Knob("versions", "--versions", "library versions to plan for, e.g. transformers=4.48.3,peft=0.14.0,"
+         "bitsandbytes=0.45.2,torch=2.5.1 (any subset); memplan.plan.versions.RULES says what each changes",
+         default_text="the installed versions; the newest memplan models for packages not installed"),
 )
 
 
@@ -158,9 +171,10 @@ def sequence_limit(spec: ModelSpec) -> int | None:
     return spec.max_seq_len
 
 
-def default_attention(spec: ModelSpec) -> str:
+def default_attention(spec: ModelSpec, versions: str | None = None) -> str:
     """What ``attn="auto"`` becomes: sdpa where transformers supports it for the architecture, else eager."""
-    return "eager" if spec.model_type in _NO_SDPA else "sdpa"
+    ok = spec.model_type not in _AUTO_EAGER and sdpa_supported(spec.model_type, stack_of(versions))
+    return "sdpa" if ok else "eager"
 
 
 def describe_setup(setup: TrainSetup) -> str:
@@ -175,8 +189,8 @@ def describe_setup(setup: TrainSetup) -> str:
     adapter = "full fine-tuning" if s.method == "full" else f"LoRA r={s.rank} on {s.targets}"
     ckpt = "checkpointing" if s.grad_ckpt else "no checkpointing"
     precision = s.dtype if s.autocast in (None, "off") else f"{s.dtype}, autocast {s.autocast}"
-    return (f"{weights} {adapter}, batch {s.batch_size}, seq {s.seq_len}, {ckpt}, {s.optimizer}, "
-            f"{s.attn}, {precision}")
+    batch = f"batch {s.batch_size}" + (f" x {s.grad_accum} accumulated" if s.grad_accum > 1 else "")
+    return f"{weights} {adapter}, {batch}, seq {s.seq_len}, {ckpt}, {s.optimizer}, {s.attn}, {precision}"
 
 
 def _check_choice(field: str, value, allowed) -> None:
@@ -207,7 +221,8 @@ def _parameter_targets(spec: ModelSpec, targets: str) -> tuple[str, ...]:
 _FIELD_TYPES = {"model": str, "method": str, "bits": int, "quant_type": str, "double_quant": bool, "dtype": str,
                 "rank": int, "alpha": (int, float), "targets": str, "lora_dropout": (int, float),
                 "adapter_dtype": str, "optimizer": str, "batch_size": int, "seq_len": int, "grad_ckpt": bool,
-                "attn": str, "upcast_non_quantized": bool, "autocast": str, "gpu": str}
+                "attn": str, "upcast_non_quantized": bool, "autocast": str, "grad_accum": int, "gpu": str,
+                "versions": str}
 _TYPE_NAMES = {str: "a string", int: "an integer", bool: "true or false", (int, float): "a number"}
 
 
@@ -254,13 +269,18 @@ def resolve_setup(setup: TrainSetup, spec: ModelSpec, gpu: GPUSpec | None = None
             f"{gpu.name} (compute capability {gpu.compute_capability}) has no bf16 support; use --dtype fp16"
         )
 
-    _check_choice("adapter dtype", setup.adapter_dtype, ADAPTER_DTYPES)
+    versions = resolve_versions(setup.versions)
+    spec = layout_for(spec, versions)  # the modules the stack's transformers builds (Mixtral 4.x: expert linears)
+    adapter_dtype = setup.adapter_dtype or default_adapter_dtype(bits, dtype, versions)
+    _check_choice("adapter dtype", adapter_dtype, ADAPTER_DTYPES)
     if not isinstance(setup.rank, int) or isinstance(setup.rank, bool) or setup.rank < 1:
         raise InvalidSetupError(f"invalid LoRA rank {setup.rank!r}; must be an integer >= 1")
     if not 0.0 <= setup.lora_dropout < 1.0:
         raise InvalidSetupError(f"invalid LoRA dropout {setup.lora_dropout!r}; must be in [0, 1)")
     if not isinstance(setup.batch_size, int) or setup.batch_size < 1:
         raise InvalidSetupError(f"invalid batch size {setup.batch_size!r}; must be an integer >= 1")
+    if not isinstance(setup.grad_accum, int) or isinstance(setup.grad_accum, bool) or setup.grad_accum < 1:
+        raise InvalidSetupError(f"invalid gradient accumulation {setup.grad_accum!r}; must be an integer >= 1")
     if not isinstance(setup.seq_len, int) or setup.seq_len < 1:
         raise InvalidSetupError(f"invalid sequence length {setup.seq_len!r}; must be an integer >= 1")
     limit = sequence_limit(spec)
@@ -275,9 +295,10 @@ def resolve_setup(setup: TrainSetup, spec: ModelSpec, gpu: GPUSpec | None = None
     _check_choice("attention implementation", setup.attn, ATTN_IMPLEMENTATIONS)
     attn = setup.attn
     if attn == "auto":
-        attn = default_attention(spec)
-    if attn == "sdpa" and spec.model_type in _NO_SDPA:
-        raise InvalidSetupError(f"{spec.model_type} models do not support sdpa attention in transformers; use eager")
+        attn = default_attention(spec, versions)
+    if attn == "sdpa" and not sdpa_supported(spec.model_type, stack_of(versions)):
+        raise InvalidSetupError(f"{spec.model_type} models do not support sdpa attention in transformers "
+                                f"{stack_of(versions).transformers}; use eager")
     if attn == "flash_attention_2":
         if spec.model_type in _NO_FLASH:
             raise InvalidSetupError(f"{spec.model_type} models do not support flash_attention_2; use eager")
@@ -334,10 +355,12 @@ def resolve_setup(setup: TrainSetup, spec: ModelSpec, gpu: GPUSpec | None = None
         dtype=dtype,
         alpha=alpha,
         targets=targets,
+        adapter_dtype=adapter_dtype,
         optimizer=optimizer,
         attn=attn,
         upcast_non_quantized=upcast,
         autocast=autocast,
         grad_ckpt=setup.grad_ckpt if setup.grad_ckpt is not None else bits in (4, 8),
         gpu=gpu.id if gpu is not None else setup.gpu,
+        versions=versions,
     )

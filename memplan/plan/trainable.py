@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from .setup import TrainSetup
 
 __all__ = ["TrainableTensor", "Trainable", "adapted_linears", "trainable", "optimizer_state_bytes",
-           "BNB_OPT_BLOCK", "BNB_MIN_8BIT_SIZE", "BNB_MIN_PAGED_SIZE"]
+           "gradients_held", "BNB_OPT_BLOCK", "BNB_MIN_8BIT_SIZE", "BNB_MIN_PAGED_SIZE"]
 
 # bnb 8-bit optimizers: 256-value blocks with an fp32 absmax; tensors below 4096 values stay 32-bit
 # (bitsandbytes/optim/optimizer.py: min_8bit_size=4096, blockwise, block size 256).
@@ -67,6 +67,11 @@ class Trainable:
     values: int
     grad_bytes: int
 
+    @property
+    def largest_grad_bytes(self) -> int:
+        """The largest trainable tensor's gradient: what a per-parameter optimizer loop holds at once."""
+        return max((t.numel * t.bytes_per_value for t, _ in self.tensors), default=0)
+
     def state_bytes(self, opt: OptimizerSpec) -> int:
         """Optimizer state of every trainable tensor."""
         return optimizer_state_bytes(opt, self.tensors)
@@ -108,10 +113,11 @@ def _trainable(spec: ModelSpec, targets: str | None, rank: int, b: int) -> Train
 def _full_tensors(spec: ModelSpec, b: int) -> tuple[TrainableTensor, ...]:
     tensors: list[TrainableTensor] = []
     for lin, mult in all_linears(spec):
-        if lin.num_experts > 1:  # a 3-D expert weight: Adafactor factors the last two dims per expert
+        if lin.num_experts > 1 and lin.peft_target == "parameter":  # a 3-D expert weight: Adafactor factors the
             w = TrainableTensor(lin.weight_numel, b, lin.num_experts * (lin.in_features + lin.out_features))
-        else:
+        else:  # last two dims per expert; per-expert nn.Linear modules (transformers 4.x) are num_experts matrices
             w = _matrix(lin.out_features, lin.in_features, b)
+            mult *= lin.num_experts
         tensors += [w] * mult
         if lin.bias:
             tensors += [_vector(lin.bias_numel, b)] * mult
@@ -129,8 +135,8 @@ def _lora_tensors(spec: ModelSpec, targets: str, rank: int, b: int) -> tuple[Tra
     tensors: list[TrainableTensor] = []
     for lin in adapted_linears(spec, targets):
         mult = spec.instances(lin)  # layer-restricted targets adapt only some layers
-        if lin.num_experts == 1:
-            pair = [_matrix(rank, lin.in_features, b), _matrix(lin.out_features, rank, b)]  # lora_A, lora_B
+        if lin.num_experts == 1 or lin.peft_target == "module":  # (per-expert modules: a pair per expert)
+            pair = [_matrix(rank, lin.in_features, b), _matrix(lin.out_features, rank, b)] * lin.num_experts
         else:  # fused experts: peft's parameter wrapper; one tensor of peft's exact count
             n = lin.lora_params(rank)
             pair = [TrainableTensor(n, b, n)]
@@ -153,3 +159,16 @@ def optimizer_state_bytes(opt: OptimizerSpec, tensors: tuple[tuple[TrainableTens
             per_state = n * 4  # bnb 32-bit state is fp32
         total += opt.states * per_state * copies
     return total
+
+
+def gradients_held(setup: TrainSetup) -> bool:
+    """Whether a step's forward and backward run with every gradient already allocated: from the second
+    micro-batch of gradient accumulation on, the earlier micro-batches' gradients wait for the optimizer step
+    (transformers ``Trainer._inner_training_loop`` calls ``optimizer.step()`` / ``zero_grad()`` once per
+    ``gradient_accumulation_steps`` micro-batches); and before torch 2.0 the Trainer's ``model.zero_grad()``
+    zeroes the gradients in place rather than freeing them (rule "zero-grad-keeps-buffers")."""
+    if setup.grad_accum > 1:
+        return True
+    from .versions import applies, stack_of
+
+    return applies("zero-grad-keeps-buffers", stack_of(setup.versions))

@@ -86,8 +86,11 @@ def _static_terms(spec: ModelSpec, bits: int, dtype: str, quant_type: str, doubl
     weights = (spec.total_params() - quantized_values) * float_bytes
 
     packed = consts = 0
-    for lin, mult in quantized_linears:
-        n = lin.weight_numel
+    for lin, whole_mult in quantized_linears:
+        # one bitsandbytes layer per module: per-expert nn.Linear modules (transformers 4.x Mixtral,
+        # memplan.catalog.models.layouts) are num_experts layers, each with its own state
+        pieces = lin.num_experts if lin.peft_target == "module" else 1
+        n, mult = lin.weight_numel // pieces, whole_mult * pieces
         if bits == 4:
             packed += mult * round_up(ceil_div(n, 2), CUDA_BLOCK_BYTES)  # two 4-bit codes per byte
             blocks = ceil_div(n, NF4_BLOCK)
@@ -102,7 +105,7 @@ def _static_terms(spec: ModelSpec, bits: int, dtype: str, quant_type: str, doubl
             consts += mult * per_layer
         else:  # LLM.int8: int8 weight (CB) + one fp32 scale per output row (SCB), bnb Int8Params
             packed += mult * round_up(n, CUDA_BLOCK_BYTES)
-            consts += mult * round_up(lin.num_experts * lin.out_features * 4, CUDA_BLOCK_BYTES)
+            consts += mult * round_up(lin.num_experts // pieces * lin.out_features * 4, CUDA_BLOCK_BYTES)
     return StaticTerms(weights, packed, consts, quantized_values)
 
 

@@ -73,6 +73,7 @@ class CapacityRow:
     smallest_gpu: str | None = None  # when nothing fits: the smallest catalog card holding the leanest plan
     reason: str | None = None  # why the cell is n/a
     notes: str | None = None  # the estimate's caveats, "; "-joined (e.g. LLM.int8 not yet calibrated on a GPU)
+    versions: str | None = None  # the library stack planned for (setup.versions, memplan.plan.versions)
     # Breakdown of the plan (or, when nothing fits, of the leanest plan): COMPONENTS -> bytes.
     components: dict[str, int] = field(default_factory=dict, hash=False, repr=False)
 
@@ -105,7 +106,7 @@ def _check_seq_len(value) -> int:
 
 
 def _fit_row(spec, gpu, seq_len: int, headroom: float, labels: dict[str, str], profiles_dir,
-             prefer: str) -> CapacityRow:
+             prefer: str, versions: str | None = None) -> CapacityRow:
     from memplan.plan.budget import Budget
     from memplan.plan.search import fit_for
     from memplan.plan.setup import TrainSetup, sequence_limit
@@ -113,14 +114,14 @@ def _fit_row(spec, gpu, seq_len: int, headroom: float, labels: dict[str, str], p
     budget = Budget.for_gpu(gpu, headroom)
     base = dict(model=spec.name, model_params=spec.total_params(), gpu=gpu.label, gpu_id=gpu.id, seq_len=seq_len,
                 gpu_total_bytes=gpu.total_bytes, usable_bytes=budget.usable_bytes, budget_bytes=budget.limit_bytes,
-                prefer=prefer)
+                prefer=prefer, versions=versions)
     limit = sequence_limit(spec)  # fit refuses these too; the cell gets a short reason
     if limit and seq_len > limit:
         return CapacityRow(status=NOT_APPLICABLE, reason=f"max {limit:,} tokens (max_position_embeddings)",
                            **base)
     try:
         # Same call as `memplan fit MODEL --gpu GPU --seq-len N --prefer P` (the flag pins seq_len).
-        r = fit_for(spec, TrainSetup(spec.name, seq_len=seq_len), gpu, headroom=headroom,
+        r = fit_for(spec, TrainSetup(spec.name, seq_len=seq_len, versions=versions), gpu, headroom=headroom,
                     pinned=frozenset({"seq_len"}), prefer=prefer, profiles_dir=profiles_dir)
     except InvalidSetupError as exc:  # e.g. an architecture that cannot run on this card at all
         return CapacityRow(status=NOT_APPLICABLE, reason=str(exc), **base)
@@ -138,7 +139,8 @@ def _fit_row(spec, gpu, seq_len: int, headroom: float, labels: dict[str, str], p
 
 def capacity_rows(models: Sequence[str], gpus: Sequence[str], seq_lens: Sequence[int], *, profiles_dir=None,
                   headroom: float | None = None, prefer: str = "balanced",
-                  progress: Callable[[int, int, str], None] | None = None) -> list[CapacityRow]:
+                  progress: Callable[[int, int, str], None] | None = None,
+                  versions: str | None = None) -> list[CapacityRow]:
     """The best plan (``memplan.plan.search.fit_for``) for every sequence length x model x card, in that order.
 
     Args:
@@ -151,6 +153,7 @@ def capacity_rows(models: Sequence[str], gpus: Sequence[str], seq_lens: Sequence
             ``memplan fit``).
         prefer: the ranking, as ``memplan fit --prefer`` (``memplan.plan.search.PREFERENCES``).
         progress: called after each cell with (cells done, cells in all, the cell just done).
+        versions: the library stack to plan for, as ``memplan fit --versions`` (default: the installed one).
 
     Raises:
         UnknownModelError, UnknownGPUError: a name not in the catalog (with close matches).
@@ -168,6 +171,8 @@ def capacity_rows(models: Sequence[str], gpus: Sequence[str], seq_lens: Sequence
     specs = list({spec.name: spec for spec in (load_model(m, profiles_dir=profiles_dir) for m in models)}.values())
     cards = list({g.id: g for g in (load_gpu(g, profiles_dir=profiles_dir) for g in gpus)}.values())
     headroom = check_headroom(headroom)  # before the grid turns a bad value into n/a cells
+    from memplan.plan.versions import resolve_versions
+    versions = resolve_versions(versions)  # a bad --versions fails here, not as n/a cells
     from memplan.plan.search import PREFERENCES
     if prefer not in PREFERENCES:
         raise InvalidSetupError(f"invalid preference {prefer!r}; allowed: {', '.join(PREFERENCES)}")
@@ -175,7 +180,7 @@ def capacity_rows(models: Sequence[str], gpus: Sequence[str], seq_lens: Sequence
     cells = [(seq, spec, gpu) for seq in seqs for spec in specs for gpu in cards]
     rows = []
     for seq, spec, gpu in cells:
-        rows.append(_fit_row(spec, gpu, seq, headroom, labels, profiles_dir, prefer))
+        rows.append(_fit_row(spec, gpu, seq, headroom, labels, profiles_dir, prefer, versions))
         if progress is not None:
             progress(len(rows), len(cells), f"{spec.name} on {gpu.label} at {seq:,} tokens")
     return rows

@@ -13,6 +13,7 @@ from memplan.catalog.gpus import card_label
 from memplan.plan.breakdown import COMPONENT_LABELS, COMPONENTS
 from memplan.plan.setup import describe_setup
 from memplan.plan.speed import step_time
+from memplan.plan.versions import describe_versions
 from memplan.units import GiB, format_gib
 
 if TYPE_CHECKING:
@@ -82,12 +83,18 @@ def verdict(e: Estimate, budget: Budget) -> Text:
 
 def estimate_view(e: Estimate, budget: Budget | None = None) -> Group:
     """One setup's breakdown; with ``budget`` (a card was named), whether it fits and by how much."""
-    parts = [Text(f"{e.setup.model}: {describe_setup(e.setup)}", style="bold"), _headline(e)]
+    parts = [Text(f"{e.setup.model}: {describe_setup(e.setup)}", style="bold"), _versions_line(e.setup), _headline(e)]
     if budget is not None:
         parts.append(verdict(e, budget))
     parts += [Text(""), breakdown_table(e)]
     parts += [Text(f"note: {n}", style="yellow") for n in e.notes]
     return Group(*parts)
+
+
+def _versions_line(setup) -> Text:
+    """``versions: transformers 5.24.0, peft 0.21.2, bitsandbytes 0.50.2, torch 2.13.0 (installed)``: the library
+    stack the plan assumed (``setup.versions``, memplan.plan.versions)."""
+    return Text(f"versions: {describe_versions(setup.versions)}", style="dim")
 
 
 def _plan_bits(s) -> str:
@@ -98,6 +105,7 @@ def _plan_bits(s) -> str:
 
 def fit_view(r: FitResult) -> Group:
     parts: list = [Text(f"{r.model} on {r.gpu.label}: {r.budget.describe(source=False)}", style="bold"),
+                   _versions_line((r.recommended or r.leanest).setup),
                    Text(f"Every peak includes the {format_gib(r.budget.context_bytes, 2)} CUDA context.")]
     if r.recommended is None:
         lean = r.leanest
@@ -111,6 +119,7 @@ def fit_view(r: FitResult) -> Group:
             parts.append(Text("Or change one pinned knob (the flag, or --free it when a --config sets it):"))
             parts += [Text(f"  - {c.description}: {format_gib(c.estimate.total_bytes, 2)}") for c in r.changes]
         parts += [Text(""), breakdown_table(lean, title="Leanest plan")]
+        parts += [Text(f"note: {n}", style="yellow") for n in (*lean.notes, *r.notes)]
         return Group(*parts)
 
     rec = r.recommended
@@ -155,7 +164,7 @@ def fit_view(r: FitResult) -> Group:
     if r.max_seq_len_batch1 is not None:
         limit = " (the model's max_position_embeddings)" if r.max_seq_len_is_model_limit else ""
         parts.append(Text(f"Longest sequence at batch 1 with these settings: {r.max_seq_len_batch1:,} tokens{limit}."))
-    parts += [Text(f"note: {n}", style="yellow") for n in rec.notes]
+    parts += [Text(f"note: {n}", style="yellow") for n in (*rec.notes, *r.notes)]
     return Group(*parts)
 
 

@@ -177,7 +177,7 @@ def test_raises_just_below_and_passes_just_above(model_dir):
     assert "will not fit" in msg and "Where it goes" in msg and "activations" in msg
     # one byte short: a smaller micro-batch fits, and so does checkpointing
     fields = [c.fields for c in err.changes]
-    assert {"batch_size": 2} in fields and {"grad_ckpt": True} in fields
+    assert {"batch_size": 2, "grad_accum": 2} in fields and {"grad_ckpt": True} in fields
     for c in err.changes:
         assert c.estimate.total_bytes <= err.budget_bytes
         assert c.description in msg

@@ -54,13 +54,14 @@ ROUND_TRIPS = [
     pytest.param(AXOLOTL, "axolotl", ["--config", AXOLOTL],
      ["llama-2-7b", "--method", "qlora", "--bits", "4", "--rank", "32", "--alpha", "16", "--lora-dropout", "0.05",
       "--targets", "all-linear", "--seq-len", "4096", "--batch-size", "2", "--grad-ckpt",
-      "--optimizer", "paged_adamw_32bit", "--attn", "flash_attention_2"],
+      "--optimizer", "paged_adamw_32bit", "--attn", "flash_attention_2", "--grad-accum", "4"],
      {"method": "qlora", "bits": 4, "rank": 32, "alpha": 16, "lora_dropout": 0.05, "targets": "all-linear",
       "seq_len": 4096, "batch_size": 2, "grad_ckpt": True, "optimizer": "paged_adamw_32bit",
-      "attn": "flash_attention_2"}, marks=pytest.mark.extras("yaml"), id="axolotl"),
+      "attn": "flash_attention_2", "grad_accum": 4}, marks=pytest.mark.extras("yaml"), id="axolotl"),
     (TRAINING_ARGS, "training_args", ["--model", "llama-2-7b", "--config", TRAINING_ARGS],
-     ["llama-2-7b", "--batch-size", "4", "--grad-ckpt", "--autocast", "bf16", "--optimizer", "paged_adamw_8bit"],
-     {"batch_size": 4, "grad_ckpt": True, "autocast": "bf16", "optimizer": "paged_adamw_8bit"}),
+     ["llama-2-7b", "--batch-size", "4", "--grad-ckpt", "--autocast", "bf16", "--optimizer", "paged_adamw_8bit",
+      "--grad-accum", "8"],
+     {"batch_size": 4, "grad_ckpt": True, "autocast": "bf16", "optimizer": "paged_adamw_8bit", "grad_accum": 8}),
     (ADAPTER, "peft", ["--config", ADAPTER],
      ["llama-2-7b", "--rank", "16", "--alpha", "32", "--targets", "q_proj,v_proj", "--lora-dropout", "0.05"],
      {"rank": 16, "alpha": 32, "targets": "q_proj,v_proj", "lora_dropout": 0.05}),
@@ -69,9 +70,9 @@ ROUND_TRIPS = [
      {"bits": 4, "quant_type": "nf4", "double_quant": True, "dtype": "bf16"}),
     (TRL, "trl", ["--model", "llama-2-7b", "--config", TRL],
      ["llama-2-7b", "--batch-size", "2", "--grad-ckpt", "--dtype", "bf16", "--autocast", "bf16", "--optimizer",
-      "adamw_torch", "--seq-len", "2048", "--attn", "flash_attention_2"],
+      "adamw_torch", "--seq-len", "2048", "--attn", "flash_attention_2", "--grad-accum", "16"],
      {"batch_size": 2, "grad_ckpt": True, "dtype": "bf16", "autocast": "bf16", "optimizer": "adamw_torch",
-      "seq_len": 2048, "attn": "flash_attention_2"}),
+      "seq_len": 2048, "attn": "flash_attention_2", "grad_accum": 16}),
 ]
 
 
@@ -115,7 +116,8 @@ def test_used_and_notes_are_reported(capsys):
     cfg = load_training_config(AXOLOTL)
     assert ("micro_batch_size", 2, "batch_size") in cfg.used
     assert ("lora_target_linear", True, "targets") in cfg.used
-    assert {k for k, _ in cfg.ignored} == {"bf16", "sample_packing", "gradient_accumulation_steps"}
+    assert {k for k, _ in cfg.ignored} == {"bf16", "sample_packing"}
+    assert ("gradient_accumulation_steps", 4, "grad_accum") in cfg.used
     assert cfg.warnings == ()
     assert any("sequence_len" in n for n in cfg.notes)  # packing: modelled as full sequences
     assert "dtype" not in cfg.fields and "autocast" not in cfg.fields  # bf16: auto: memplan's default

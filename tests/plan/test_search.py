@@ -140,7 +140,7 @@ def test_smallest_changes_each_fit_on_their_own():
     budget = Budget.for_gpu(gpu)
     assert not budget.fits(estimate_for(spec, setup, gpu).total_bytes)
     changes = smallest_changes(spec, setup, gpu, budget)
-    assert [list(c.fields) for c in changes][:2] == [["batch_size"], ["grad_ckpt"]]
+    assert [list(c.fields) for c in changes][:2] == [["batch_size", "grad_accum"], ["grad_ckpt"]]
     for c in changes:
         assert budget.fits(c.estimate.total_bytes)
         changed = {k for k, v in c.estimate.setup.to_dict().items() if v != getattr(setup, k)}
@@ -148,7 +148,8 @@ def test_smallest_changes_each_fit_on_their_own():
     b = changes[0].fields["batch_size"]
     assert 8 % b == 0
     # the next divisor up does not fit
-    bigger = resolve_setup(setup.with_(batch_size=b * 2), spec, gpu)
+    assert changes[0].fields["grad_accum"] == 8 // b
+    bigger = resolve_setup(setup.with_(batch_size=b * 2, grad_accum=max(1, 8 // (b * 2))), spec, gpu)
     assert not budget.fits(estimate_for(spec, bigger, gpu).total_bytes)
 
 

@@ -104,7 +104,9 @@ class LoraTargets:
             # setups pass target lists as comma-separated strings, so read it as the one-name list it means.
             if not any(c.full_name == norm or re.fullmatch(norm, c.full_name) for c in cands):
                 norm = [norm]
-        moe_map = PEFT_V5_MOE_TARGETS.get(self.model_type) or {}
+        # (only where the experts are fused parameters: transformers 4.x's per-expert modules match by name)
+        fused = any(lin.peft_target == "parameter" for lin in self.layer_linears)
+        moe_map = (PEFT_V5_MOE_TARGETS.get(self.model_type) or {}) if fused else {}
         strict = True  # every name of a user's list must match (see the module docstring)
         if moe_map and isinstance(norm, str):
             resolved = self._moe_resolve_string(norm, cands, moe_map)
