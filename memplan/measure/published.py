@@ -35,10 +35,11 @@ GB = 10**9
 # One word per outcome (issue 14): a compared figure, a claim answered right or wrong, or a skipped row.
 STATUSES = ("compared", "oom_ok", "oom_missed", "fits_ok", "fits_missed", "skipped")
 MAPPING_COLUMNS = ("id", "framework", "model", "method", "bits", "quant_type", "double_quant", "dtype", "rank",
-                   "targets", "optimizer", "batch_size", "seq_len", "grad_ckpt", "attn", "autocast",
-                   "upcast_non_quantized", "adapter_dtype", "gpu", "versions", "compare_as", "skip", "assumptions")
+                   "targets", "optimizer", "batch_size", "grad_accum", "seq_len", "grad_ckpt", "attn", "autocast",
+                   "upcast_non_quantized", "adapter_dtype", "gpu", "versions", "compare_as", "context_gib", "skip",
+                   "assumptions")
 _COMPARE_AS = ("alloc", "reserved", "nvml", "fit")
-_INT_FIELDS = ("bits", "rank", "batch_size", "seq_len")
+_INT_FIELDS = ("bits", "rank", "batch_size", "grad_accum", "seq_len")
 _BOOL_FIELDS = ("double_quant", "grad_ckpt", "upcast_non_quantized")
 _STR_FIELDS = ("method", "quant_type", "dtype", "targets", "optimizer", "attn", "autocast", "adapter_dtype",
                "versions")
@@ -81,6 +82,7 @@ class PublishedResult:
     reason: str = ""
     setup_label: str = ""
     peak_phase: str = ""
+    stack_note: str = ""  # the source's stack is older than memplan models: what was planned instead
 
     @property
     def status_text(self) -> str:
@@ -153,10 +155,24 @@ def _setup_from_mapping(m: dict, base: str | os.PathLike = "."):
     for key in _STR_FIELDS:
         if m.get(key) and key in known:
             kwargs[key] = m[key]
+    note = _stack_note(kwargs["versions"]) if kwargs.get("versions") else ""
     model = m["model"]
     if model.endswith(".json") and not os.path.isabs(model):
         model = str(Path(base) / model)  # config paths in a mapping are relative to the mapping file
-    return TrainSetup(model=model, gpu=m.get("gpu") or None, **kwargs)
+    return TrainSetup(model=model, gpu=m.get("gpu") or None, **kwargs), note
+
+
+def _stack_note(versions: str) -> str:
+    """What the report says of a row whose stack predates the releases memplan's version rules were read
+    against: it is planned with the oldest rules (memplan.plan.versions.OLDEST_MODELLED)."""
+    from memplan.plan.versions import OLDEST_MODELLED, older_than_modelled, stack_of
+
+    old = older_than_modelled(stack_of(versions))
+    if not old:
+        return ""
+    shown = ", ".join(f"{p} {getattr(stack_of(versions), p)} (rules read from {getattr(OLDEST_MODELLED, p)})"
+                      for p in old)
+    return f"planned with the oldest rules memplan has: {shown}"
 
 
 _CLAIM = re.compile(r"(?i)^(oom|fits)\s+(?:on|in)\s+(\d+(?:\.\d+)?)\s*gb")
@@ -184,7 +200,7 @@ def _score_one(row: PublishedRow, profiles_dir) -> PublishedResult:
     if compare_as not in _COMPARE_AS:
         raise MemplanError(f"{row.id}: compare_as {compare_as!r} is not one of {', '.join(_COMPARE_AS)}")
     try:
-        setup = _setup_from_mapping(row.mapping, row.mapping_dir)
+        setup, stack_note = _setup_from_mapping(row.mapping, row.mapping_dir)
         est = estimate(setup, profiles_dir=profiles_dir)
     except MemplanError as e:
         return PublishedResult(row, "skipped", reason=f"memplan cannot plan it: {e}")
@@ -202,18 +218,21 @@ def _score_one(row: PublishedRow, profiles_dir) -> PublishedResult:
         over = predicted > capacity_gib
         status = ("oom_ok" if over else "oom_missed") if kind == "oom" else ("fits_missed" if over else "fits_ok")
         return PublishedResult(row, status, predicted_gib=predicted, capacity_gib=capacity_gib,
-                               setup_label=label, peak_phase=phase)
+                               setup_label=label, peak_phase=phase, stack_note=stack_note)
     if row.measured_gib is None:
         return PublishedResult(row, "skipped", reason="no measured value")
-    predicted_bytes = est.total_bytes
+    # the source's own CUDA-context measurement (nvidia-smi before any tensor), where it made one, replaces
+    # memplan's documented default
+    context = int(float(row.mapping["context_gib"]) * GIB) if row.mapping.get("context_gib") else c["cuda_context"]
+    predicted_bytes = est.total_bytes - c["cuda_context"] + context
     if compare_as in ("alloc", "reserved"):
         # neither the CUDA context nor bitsandbytes' paged state (cudaMallocManaged) goes through torch's allocator
-        predicted_bytes -= c["cuda_context"] + est.paged_bytes
+        predicted_bytes -= context + est.paged_bytes
     if compare_as == "alloc":
         predicted_bytes -= c["allocator_overhead"]
     predicted = predicted_bytes / GIB
     return PublishedResult(row, "compared", predicted_gib=predicted, error=predicted / row.measured_gib - 1,
-                           setup_label=label, peak_phase=phase)
+                           setup_label=label, peak_phase=phase, stack_note=stack_note)
 
 
 def score_published(rows: Iterable[PublishedRow], *, profiles_dir=None,

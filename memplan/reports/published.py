@@ -114,6 +114,14 @@ def _markdown(results: Sequence[PublishedResult], *, command: str, png: str | No
         out.append(f"| {r.row.id} | {r.row.reliability} | {r.row.outcome} ({r.row.gpu_text}) | "
                    f"{r.row.model_label} | {r.setup_label} | "
                    f"{r.capacity_gib:.2f} | {r.predicted_gib:.2f} | {r.status} |")
+    older = sorted((r for r in results if r.stack_note), key=lambda r: r.row.id)
+    if older:
+        out += ["", "## Rows from stacks older than memplan models", "",
+                "Their versions (from the source's date and framework, mapping.csv `versions`) predate the releases "
+                "memplan's version rules were read against; they are planned with the rules of the oldest release "
+                "it read (docs/memory-model.md, \"Library versions\").", "",
+                "| id | versions | what was planned |", "|---|---|---|"]
+        out += [f"| {r.row.id} | {r.row.mapping.get('versions', '')} | {r.stack_note} |" for r in older]
     out += ["", "## Skipped rows", "", "| id | grade | source | reason |", "|---|---|---|---|"]
     for r in sorted((r for r in results if r.status == "skipped"), key=lambda r: r.row.id):
         out.append(f"| {r.row.id} | {r.row.reliability} | {_short_source(r.row.source)} | {r.reason} |")
