@@ -61,7 +61,8 @@ PREFERENCE_RULES = {
     "memory": "the lowest peak, every combination at the smallest micro-batch (not the largest that fits); then "
               "as quality",
 }
-# Upper bound for "longest sequence at batch 1" on rotary / alibi models (Llama-3.1's context is 131072).
+# Upper bound for "longest sequence at batch 1" where the model states no context (ALiBi) or the user allows a
+# longer one than it was trained on (--allow-long-context; Llama-3.1's trained context is 131072).
 MAX_SEQ_SEARCH = 131072
 
 
@@ -325,7 +326,7 @@ def fit_for(spec: ModelSpec, setup: TrainSetup, gpu: GPUSpec | None, *, budget: 
         next_batch = NextStep(bigger, budget.shortfall(bigger.total_bytes),
                               smallest_gpu(spec, bigger.setup, headroom, profiles_dir), capped=capped)
     regimes = () if "batch_size" in pinned else leaner_regimes(spec, recommended.setup, gpu, budget, batches)
-    limit = sequence_limit(spec)
+    limit = sequence_limit(spec, allow_long_context=recommended.setup.allow_long_context)
     max_seq = s.max_seq(recommended.setup, limit or max(MAX_SEQ_SEARCH, spec.max_position_embeddings or 0))
     return FitResult(spec.name, gpu, headroom, budget, recommended, alternatives, next_batch, max_seq, None,
                      leanest, s.evaluated, max_seq_len_is_model_limit=max_seq == limit, max_batch=batches[-1],

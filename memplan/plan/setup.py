@@ -76,6 +76,7 @@ class TrainSetup:
     upcast_non_quantized: bool | None = None  # peft.prepare_model_for_kbit_training; default on for 4/8 bits
     autocast: str | None = None  # "off", "bf16", "fp16": torch.autocast around forward and loss (AUTOCASTS)
     grad_accum: int = 1  # micro-batches per optimizer step (TrainingArguments.gradient_accumulation_steps)
+    allow_long_context: bool = False  # plan sequences beyond the trained context (RoPE-scaled fine-tuning)
     gpu: str | None = None
     # The library stack planned for, "transformers=4.48.3,peft=0.14.0" (any subset; memplan.plan.versions);
     # resolved to all four packages: the given ones, the rest installed (else the newest memplan models).
@@ -157,6 +158,9 @@ KNOBS: tuple[Knob, ...] = (
          "fp16=True and accelerate's mixed_precision run it", choices=AUTOCASTS,
          default_text="the compute dtype, as a Trainer script with bf16=True (fp16=True on cards without bf16); "
                       "for fp32 weights the card's half dtype (the Trainer's AMP)"),
+    Knob("allow_long_context", "--allow-long-context", "plan sequences longer than the model's trained context "
+         "(max_position_embeddings), as a RoPE-scaled fine-tune does; learned position tables stay a hard limit",
+         bool),
     Knob("grad_accum", "--grad-accum", "micro-batches accumulated per optimizer step (gradient_accumulation_steps): "
          "from the second on, forward and backward run with the gradients of the earlier ones held", int),
     Knob("versions", "--versions", "library versions to plan for, e.g. transformers=4.48.3,peft=0.14.0,"
@@ -165,10 +169,14 @@ KNOBS: tuple[Knob, ...] = (
 )
 
 
-def sequence_limit(spec: ModelSpec) -> int | None:
-    """The longest sequence ``spec`` takes: the learned position embeddings' size (OPT, GPT-2, BERT); None for
-    rotary and ALiBi models, which have no table to run out of."""
-    return spec.max_seq_len
+def sequence_limit(spec: ModelSpec, *, allow_long_context: bool = False) -> int | None:
+    """The longest sequence a plan of ``spec`` may use: the size of a learned position table (OPT, GPT-2, BERT),
+    which nothing can exceed; else the trained context, the config's ``max_position_embeddings`` (which already
+    includes a RoPE scaling the checkpoint was trained with, e.g. Llama-3.1's 131,072), unless the user opts in to
+    a longer, RoPE-scaled fine-tune; None where the config states no context (ALiBi: BLOOM)."""
+    if spec.max_seq_len:
+        return spec.max_seq_len
+    return None if allow_long_context else spec.max_position_embeddings
 
 
 def default_attention(spec: ModelSpec, versions: str | None = None) -> str:
@@ -221,8 +229,8 @@ def _parameter_targets(spec: ModelSpec, targets: str) -> tuple[str, ...]:
 _FIELD_TYPES = {"model": str, "method": str, "bits": int, "quant_type": str, "double_quant": bool, "dtype": str,
                 "rank": int, "alpha": (int, float), "targets": str, "lora_dropout": (int, float),
                 "adapter_dtype": str, "optimizer": str, "batch_size": int, "seq_len": int, "grad_ckpt": bool,
-                "attn": str, "upcast_non_quantized": bool, "autocast": str, "grad_accum": int, "gpu": str,
-                "versions": str}
+                "attn": str, "upcast_non_quantized": bool, "autocast": str, "grad_accum": int,
+                "allow_long_context": bool, "gpu": str, "versions": str}
 _TYPE_NAMES = {str: "a string", int: "an integer", bool: "true or false", (int, float): "a number"}
 
 
@@ -283,11 +291,16 @@ def resolve_setup(setup: TrainSetup, spec: ModelSpec, gpu: GPUSpec | None = None
         raise InvalidSetupError(f"invalid gradient accumulation {setup.grad_accum!r}; must be an integer >= 1")
     if not isinstance(setup.seq_len, int) or setup.seq_len < 1:
         raise InvalidSetupError(f"invalid sequence length {setup.seq_len!r}; must be an integer >= 1")
-    limit = sequence_limit(spec)
+    limit = sequence_limit(spec, allow_long_context=setup.allow_long_context)
     if limit and setup.seq_len > limit:
+        if spec.max_seq_len:
+            raise InvalidSetupError(
+                f"sequence length {setup.seq_len} exceeds {spec.name}'s learned position embeddings "
+                f"(max_position_embeddings {limit})"
+            )
         raise InvalidSetupError(
-            f"sequence length {setup.seq_len} exceeds {spec.name}'s learned position embeddings "
-            f"(max_position_embeddings {limit})"
+            f"sequence length {setup.seq_len:,} exceeds {spec.name}'s trained context of {limit:,} tokens "
+            f"(max_position_embeddings); pass --allow-long-context to plan a RoPE-scaled fine-tune that long"
         )
 
     optimizer = resolve_optimizer(setup.optimizer).name

@@ -117,7 +117,7 @@ def _fit_row(spec, gpu, seq_len: int, headroom: float, labels: dict[str, str], p
                 prefer=prefer, versions=versions)
     limit = sequence_limit(spec)  # fit refuses these too; the cell gets a short reason
     if limit and seq_len > limit:
-        return CapacityRow(status=NOT_APPLICABLE, reason=f"max {limit:,} tokens (max_position_embeddings)",
+        return CapacityRow(status=NOT_APPLICABLE, reason=f"max {limit:,} tokens (trained context)",
                            **base)
     try:
         # Same call as `memplan fit MODEL --gpu GPU --seq-len N --prefer P` (the flag pins seq_len).

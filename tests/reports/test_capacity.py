@@ -99,10 +99,9 @@ def test_sequence_beyond_the_models_positions_is_na_not_an_error():
     status = {(r.model, r.seq_len): r for r in rows}
     assert status["opt-1.3b", 4096].status == "n/a" and "2,048" in status["opt-1.3b", 4096].reason
     assert status["llama-2-7b-hf", 4096].status == "fits"
-    # One rule for the sequence limit (memplan.plan.setup.sequence_limit): a rotary model has no position table,
-    # so the report plans 8,192 tokens exactly as `memplan fit --seq-len 8192` does.
-    assert status["llama-2-7b-hf", 8192].status == "fits"
-    assert status["llama-2-7b-hf", 8192].peak_bytes == _fit("llama-2-7b-hf", "a100-80g", 8192).recommended.total_bytes
+    # One rule for the sequence limit (memplan.plan.setup.sequence_limit): beyond a rotary model's trained context
+    # (llama-2: 4,096) the cell is n/a, as `memplan fit --seq-len 8192` refuses it without --allow-long-context.
+    assert status["llama-2-7b-hf", 8192].status == "n/a" and "4,096" in status["llama-2-7b-hf", 8192].reason
 
 
 def test_library_rejects_bad_input():
