@@ -94,7 +94,13 @@ class FitResult:
     smallest_gpu: str | None  # when nothing fits: the smallest card the leanest plan fits
     leanest: Estimate  # the leanest plan searched (reported when nothing fits)
     evaluated: int  # number of estimates computed
-    max_seq_len_is_model_limit: bool = False  # the search stopped at learned position embeddings, not memory
+    # the search stopped at the model's limit, not memory: "learned" (a position table, hard) or "trained" (the
+    # context the config states; --allow-long-context plans beyond it); None when memory stopped it
+    max_seq_len_limit: str | None = None
+
+    @property
+    def max_seq_len_is_model_limit(self) -> bool:
+        return self.max_seq_len_limit is not None
     # When nothing fits with the pinned knobs: single changes of a pinned knob after which the leanest plan
     # fits (``smallest_changes``), so that a --config user learns what to change or --free.
     changes: tuple[Change, ...] = ()
@@ -143,6 +149,7 @@ class FitResult:
             },
             "max_seq_len_batch1": self.max_seq_len_batch1,
             "max_seq_len_is_model_limit": self.max_seq_len_is_model_limit,
+            "max_seq_len_limit": self.max_seq_len_limit,
             "smallest_gpu": self.smallest_gpu,
             "leanest": self.leanest.to_dict(),
             "changes": [c.to_dict() for c in self.changes],
@@ -329,7 +336,9 @@ def fit_for(spec: ModelSpec, setup: TrainSetup, gpu: GPUSpec | None, *, budget: 
     limit = sequence_limit(spec, allow_long_context=recommended.setup.allow_long_context)
     max_seq = s.max_seq(recommended.setup, limit or max(MAX_SEQ_SEARCH, spec.max_position_embeddings or 0))
     return FitResult(spec.name, gpu, headroom, budget, recommended, alternatives, next_batch, max_seq, None,
-                     leanest, s.evaluated, max_seq_len_is_model_limit=max_seq == limit, max_batch=batches[-1],
+                     leanest, s.evaluated,
+                     max_seq_len_limit=(("learned" if spec.max_seq_len else "trained") if max_seq == limit else None),
+                     max_batch=batches[-1],
                      prefer=prefer, regimes=regimes, notes=fit_notes(spec, recommended, gpu))
 
 

@@ -162,8 +162,9 @@ def fit_view(r: FitResult) -> Group:
                           f"{e.setup.batch_size} fits ({format_gib(e.total_bytes, 2)}, "
                           f"{format_gib(-r.budget.shortfall(e.total_bytes), 2)} to spare)."))
     if r.max_seq_len_batch1 is not None:
-        limit = (" (the model's trained context, max_position_embeddings; --allow-long-context plans longer)"
-                 if r.max_seq_len_is_model_limit else "")
+        limit = {"learned": " (the model's learned position embeddings, max_position_embeddings)",
+                 "trained": " (the model's trained context, max_position_embeddings; --allow-long-context plans "
+                            "longer)"}.get(r.max_seq_len_limit, "")
         parts.append(Text(f"Longest sequence at batch 1 with these settings: {r.max_seq_len_batch1:,} tokens{limit}."))
     parts += [Text(f"note: {n}", style="yellow") for n in (*rec.notes, *r.notes)]
     return Group(*parts)
