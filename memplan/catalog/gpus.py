@@ -50,6 +50,7 @@ _CC_FAMILY = {
     "8.6": "ampere-consumer",
     "8.9": "ada",
     "9.0": "hopper",
+    "10.0": "blackwell-datacenter",
     "12.0": "blackwell-consumer",
 }
 

@@ -29,6 +29,9 @@ REQUIRED_IDS = [
     "rtx-2080-ti", "rtx-3060-12gb", "rtx-3080-10gb", "rtx-3090", "rtx-3090-ti", "rtx-4060-ti-16gb", "rtx-4070",
     "rtx-4080", "rtx-4090", "rtx-5090", "t4", "v100-16gb", "v100-32gb", "a10g", "l4", "rtx-a4000", "rtx-a5000",
     "rtx-a6000", "rtx-6000-ada", "l40s", "a100-40gb", "a100-80gb", "h100-80gb", "h200",
+    # issue 17: the cards people fine-tune on today
+    "rtx-5060-ti-16gb", "rtx-5070", "rtx-5070-ti", "rtx-5080", "rtx-pro-6000-blackwell", "l40", "a40", "b200",
+    "mi300x", "mi325x",
 ]
 
 
@@ -97,10 +100,29 @@ def test_driver_reported_totals(card_id, mib):
         ("NVIDIA A100-PCIE-40GB", "a100-40gb"),
         ("h100", "h100-80gb"), ("H100-SXM", "h100-80gb"), ("NVIDIA H100 80GB HBM3", "h100-80gb"),
         ("NVIDIA H100 PCIe", "h100-80gb"), ("h200", "h200"), ("NVIDIA H200", "h200"),
+        ("5060 Ti", "rtx-5060-ti-16gb"), ("NVIDIA GeForce RTX 5060 Ti", "rtx-5060-ti-16gb"), ("5070", "rtx-5070"),
+        ("RTX 5070 Ti", "rtx-5070-ti"), ("5080", "rtx-5080"), ("rtx 5080", "rtx-5080"),
+        ("NVIDIA GeForce RTX 5080", "rtx-5080"), ("RTX PRO 6000", "rtx-pro-6000-blackwell"),
+        ("NVIDIA RTX PRO 6000 Blackwell Workstation Edition", "rtx-pro-6000-blackwell"),
+        ("NVIDIA RTX PRO 6000 Blackwell Server Edition", "rtx-pro-6000-blackwell"),
+        ("l40", "l40"), ("NVIDIA L40", "l40"), ("a40", "a40"), ("NVIDIA A40", "a40"),
+        ("b200", "b200"), ("NVIDIA B200", "b200"), ("mi300x", "mi300x"), ("AMD Instinct MI300X", "mi300x"),
+        ("MI325X", "mi325x"), ("amd instinct mi325x", "mi325x"),
     ],
 )
 def test_alias_variants_resolve(spelling, card_id):
     assert load_gpu(spelling).id == card_id
+
+
+@pytest.mark.parametrize("card_id", ["mi300x", "mi325x"])
+def test_amd_cards_say_where_bitsandbytes_applies(card_id):
+    """AMD Instinct cards: bitsandbytes' ROCm build covers gfx942 on Linux x86-64 only, and memplan's CUDA-keyed
+    rules (attention kernels, the context term) are flagged as unmeasured on ROCm."""
+    card = load_gpu(card_id)
+    assert card.family == "cdna3" and card.compute_capability == "9.4" and card.bf16
+    for fact in ("gfx942", "Linux x86-64", "Windows", "aarch64", "flash_attention_2", "not been measured on ROCm",
+                 "accelerator-support"):
+        assert fact in card.source, fact
 
 
 @pytest.mark.parametrize(
