@@ -27,6 +27,7 @@ from memplan.units import format_bytes
 
 from . import activations as act
 from .breakdown import COMPONENTS, PHASES, Estimate, ParamCounts
+from .derived import derived_dynamic
 from .dtypes import DTYPE_BYTES
 from .optimizers import resolve_optimizer
 from .precision import autocast_weight_copies
@@ -104,6 +105,9 @@ def estimate_for(spec: ModelSpec, setup: TrainSetup, gpu: GPUSpec | None = None,
         "backward_end": (end_activations, 0, f.grad_bytes, end_transient + ws),
         "optimizer_step": (0, 0, f.grad_bytes, f.opt_temp_bytes + ws),
     }
+    if spec.derived:  # no hand-written formula: the terms traced for this regime (memplan.plan.derived)
+        phase_dynamic = derived_dynamic(spec, setup, phase_dynamic, ws=ws, grad_bytes=f.grad_bytes,
+                                        new_grad=f.head_grad, held=gradients_held(setup))
     phases: dict[str, dict[str, int]] = {}
     for name, (activations, logits, gradients, transients) in phase_dynamic.items():
         dynamic = activations + logits + gradients + transients

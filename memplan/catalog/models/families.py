@@ -41,9 +41,12 @@ def spec_from_config(config: dict, *, name: str, hf_id: str | None = None, sourc
         raise ConfigError(f"{where}: config.json lacks 'model_type' (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
     builder = BUILDERS.get(mt)
     if builder is None:
-        raise ConfigError(
-            f"{where}: unsupported model_type {mt!r}; memplan supports: {', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
+        # no hand-written family: derive the spec from transformers' own module tree (cached; derive.py)
+        from .derive import derive_spec
+
+        if not isinstance(mt, str):
+            raise ConfigError(f"{where}: model_type must be a string, got {mt!r}")
+        return derive_spec(config, name=name, hf_id=hf_id, source=source)
     # What most architectures share; a builder returns only the fields it sets itself or that differ.
     fields = dict(num_experts=1, num_experts_per_tok=1, attn_logit_softcapping=None, final_logit_softcapping=None,
                   sliding_window=None, is_causal_lm=True)

@@ -133,6 +133,14 @@ class ModelSpec(LoraTargets):
     # 1 for StableLM (MLP only) and parallel Falcon (one dropout on attn + mlp).
     residual_dropout_sites: int = 0
     rotary_dim: int | None = None  # dims per head that get rotary embeddings (partial rotary: phi, stablelm)
+    # Derived from transformers' own module tree (memplan.catalog.models.derive) rather than a hand-written family:
+    # its activation terms are traced per regime (memplan.plan.derived), keyed by ``derived_key`` in the cache.
+    derived: bool = False
+    derived_key: str = field(default="", compare=False)
+    lora_defaults: tuple[str, ...] = ()  # peft's default target_modules where no DEFAULT_LORA_TARGETS entry exists
+    # peft's transformers-v5 MoE conversion for derived model types (targets.PEFT_V5_MOE_TARGETS / _FUSED form)
+    moe_targets: tuple[tuple[str, str], ...] = ()
+    moe_fused: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     def __hash__(self) -> int:
         cached = self.__dict__.get("_hash")

@@ -78,7 +78,7 @@ class LoraTargets:
         """Short names a LoRA target list can use (``q_proj``, ``v_proj`` ...), in model order."""
         names = [lin.name.rsplit(".", 1)[-1] for lin in self.layer_linears + self.top_linears + self.tied_linears
                  if lin.peft_target == "module"]
-        names += list(PEFT_V5_MOE_TARGETS.get(self.model_type, {}))
+        names += list(self._moe_map())
         return list(dict.fromkeys(names))
 
     def instances(self, lin: LinearSpec) -> int:
@@ -89,9 +89,13 @@ class LoraTargets:
             return self.num_layers
         return 1
 
+    def _moe_map(self) -> dict[str, str]:
+        """v4 target name -> v5 parameter peft adapts instead (catalog table, or a derived spec's own)."""
+        return PEFT_V5_MOE_TARGETS.get(self.model_type) or dict(self.moe_targets)
+
     def default_lora_targets(self) -> tuple[str, ...]:
         """peft's default ``target_modules`` for this model_type (LoraConfig without target_modules)."""
-        return DEFAULT_LORA_TARGETS[self.model_type]
+        return DEFAULT_LORA_TARGETS.get(self.model_type) or self.lora_defaults
 
     # ------------------------------------------------------------------ LoRA targets
 
@@ -106,7 +110,7 @@ class LoraTargets:
                 norm = [norm]
         # (only where the experts are fused parameters: transformers 4.x's per-expert modules match by name)
         fused = any(lin.peft_target == "parameter" for lin in self.layer_linears)
-        moe_map = (PEFT_V5_MOE_TARGETS.get(self.model_type) or {}) if fused else {}
+        moe_map = self._moe_map() if fused else {}
         strict = True  # every name of a user's list must match (see the module docstring)
         if moe_map and isinstance(norm, str):
             resolved = self._moe_resolve_string(norm, cands, moe_map)
@@ -147,7 +151,7 @@ class LoraTargets:
                     param_targets[t] = new
                     v4_names.add(old)
                     break
-        for new, olds in PEFT_V5_MOE_FUSED.get(self.model_type, {}).items():
+        for new, olds in (PEFT_V5_MOE_FUSED.get(self.model_type) or dict(self.moe_fused)).items():
             present = v4_names & set(olds)
             if 0 < len(present) < len(olds):
                 raise InvalidSetupError(

@@ -1,0 +1,98 @@
+"""Dynamic memory of derived specs (``ModelSpec.derived``): traced per regime instead of hand-written formulas.
+
+``memplan.plan.activations`` writes each hand-written family's per-layer terms out; an architecture derived from
+transformers' module tree (``memplan.catalog.models.derive``) has none, so its activations, logits, gradients and
+transients at forward_end, backward_start, backward and backward_end come from coefficients traced with
+``memplan simulate`` on 1 and 2 layers (``memplan.measure.derive_trace``) and fitted exactly in the tokens, the
+sequence and the layers. The static terms (weights, quantized weights and constants, adapter, optimizer state)
+and the optimizer step stay analytic (``estimate.py``).
+
+Coefficients depend on everything that changes what a step saves: the regime key below. They are cached
+beside the derived spec (one JSON per config in the user's cache folder), so only the first plan of a regime
+needs torch; later ones read the cache (and this process keeps them in memory for the search).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import TYPE_CHECKING
+
+from memplan.errors import InvalidSetupError
+
+from .derived_terms import predict
+
+if TYPE_CHECKING:
+    from memplan.catalog.models import ModelSpec
+
+    from .setup import TrainSetup
+
+__all__ = ["regime_key", "coefficients", "derived_dynamic", "predict"]
+
+_MEMO: dict[tuple[str, str], dict] = {}
+
+
+def regime_key(spec: ModelSpec, setup: TrainSetup) -> str:
+    """What changes the traced terms (not the optimizer: its step is analytic; not the batch or sequence: fitted)."""
+    masked = bool(spec.sliding_window) and setup.seq_len >= spec.sliding_window
+    parts = (setup.method, setup.bits, setup.quant_type, setup.double_quant, setup.dtype, setup.autocast,
+             setup.upcast_non_quantized, setup.adapter_dtype, setup.targets if setup.trains_lora else None,
+             setup.rank if setup.trains_lora else None, setup.lora_dropout if setup.trains_lora else None,
+             bool(setup.grad_ckpt), setup.attn, setup.versions, masked)
+    return "|".join(str(p) for p in parts)
+
+
+def coefficients(spec: ModelSpec, setup: TrainSetup) -> dict:
+    """The traced terms of this regime: from memory, the cache, or a trace (which needs torch)."""
+    from memplan.catalog.models.derive import read_entry, update_entry
+
+    if setup.method == "full":
+        # The traced terms of full fine-tuning miss an unfitted check point by 40-65% on the tiny configs (the
+        # gradients and optimizer-step temporaries of every weight do not fit the per-layer form): refuse, not guess.
+        raise InvalidSetupError(f"{spec.name}: full fine-tuning of an architecture without a hand-written family is "
+                                f"not planned yet; plan --method lora or qlora")
+    key = regime_key(spec, setup)
+    hit = _MEMO.get((spec.derived_key, key))
+    if hit is not None:
+        return hit
+    entry = read_entry(spec.derived_key) if spec.derived_key else None
+    found = (entry or {}).get("regimes", {}).get(key)
+    if found is None:
+        try:  # the measurement side, loaded by name only when a regime is traced (the plan wing imports no torch)
+            trace_regime = importlib.import_module("memplan.measure.derive_trace").trace_regime
+        except ImportError as exc:
+            raise InvalidSetupError(f"{spec.name}: the activation terms of this regime are not cached yet and tracing "
+                                    f"them needs {exc.name or 'torch'}: pip install 'memplan[profile]'") from None
+        try:
+            found = trace_regime(spec, setup, progress=True)
+        except InvalidSetupError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the model cannot run this regime: one line, why
+            text = " ".join(str(exc).split())[:200] or type(exc).__name__
+            raise InvalidSetupError(f"{spec.name}: tracing this regime failed ({type(exc).__name__}: {text})") from None
+        if spec.derived_key:
+            update_entry(spec.derived_key, lambda e: {**e, "regimes": {**e.get("regimes", {}), key: found}})
+        check = found.get("check", {}).get("max_rel_error", 0.0)
+        if check > 0.01:
+            print(f"memplan: note: the traced terms of {spec.name} miss an unfitted point by {check:.1%}",
+                  file=sys.stderr)
+    _MEMO[(spec.derived_key, key)] = found
+    return found
+
+
+def derived_dynamic(spec: ModelSpec, setup: TrainSetup, analytic: dict, *, ws: int, grad_bytes: int, new_grad: int,
+                    held: bool) -> dict:
+    """``estimate_for``'s phase -> (activations, logits_loss, gradients, transients) for a derived spec: the traced
+    terms at this batch and sequence (+ the cuBLAS workspace); the optimizer step as ``analytic`` has it. With
+    gradient accumulation the earlier micro-batches' gradients are held (docs/memory-model.md), as analytic."""
+    terms = coefficients(spec, setup)["terms"]
+    at = predict(terms, spec.num_layers, setup.batch_size, setup.seq_len)
+    out = dict(analytic)
+    for phase, comps in at.items():
+        grads, trans = comps["gradients"], comps["transients"] + ws
+        if held:
+            grads = grad_bytes
+            if phase == "backward":
+                trans += new_grad
+        out[phase] = (comps["activations"], comps["logits_loss"], grads, trans)
+    return out
