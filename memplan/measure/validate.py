@@ -55,6 +55,9 @@ class MatrixRow:
     simulated_phase: str
     sim_seconds: float
     error: str | None = None  # the simulation failed: why
+    # the library stack the simulation ran on (memplan.plan.versions text); "" for rows simulated before the
+    # column existed (transformers 5.23-5.24, peft 0.21, bitsandbytes 0.50, torch 2.13 in this repository's venv)
+    simulated_with: str = ""
 
     @property
     def ratio(self) -> float:
@@ -207,9 +210,11 @@ def compare_setup(setup: TrainSetup, *, profiles_dir=None) -> MatrixRow:
     except Exception as exc:  # noqa: BLE001 - a failed simulation is a row with its reason, not a crash
         return MatrixRow(resolved.to_dict(), spec.model_type, analytic.total_bytes, 0, analytic.components, {},
                          analytic.peak_phase, "", time.perf_counter() - t0, f"{type(exc).__name__}: {exc}")
+    from memplan.plan.versions import resolve_versions
+
     return MatrixRow(resolved.to_dict(), spec.model_type, analytic.total_bytes, sim.total_bytes,
                      dict(analytic.components), dict(sim.components), analytic.peak_phase, sim.peak_phase,
-                     time.perf_counter() - t0)
+                     time.perf_counter() - t0, simulated_with=resolve_versions(None))
 
 
 def rescore_matrix(csv_path: str | os.PathLike, *, profiles_dir=None) -> list[MatrixRow]:
@@ -251,7 +256,7 @@ def rescore_matrix(csv_path: str | os.PathLike, *, profiles_dir=None) -> list[Ma
         analytic = estimate_for(spec, resolved, include_runtime=False)
         rows.append(MatrixRow(resolved.to_dict(), rec["architecture"], analytic.total_bytes, simulated_bytes,
                               dict(analytic.components), simulated, analytic.peak_phase, rec["simulated_phase"],
-                              seconds, rec["error"] or None))
+                              seconds, rec["error"] or None, simulated_with=rec.get("simulated_with") or ""))
     return rows
 
 

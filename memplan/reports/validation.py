@@ -134,12 +134,12 @@ def write_report(out_dir: str | os.PathLike, *, matrix: list[MatrixRow] | None =
             lines.append(f"| {_setup_label(r.setup)} | {r.analytic_bytes / GiB:.3f} | {r.simulated_bytes / GiB:.3f} "
                          f"| {r.ratio:.3f} | {r.analytic_phase} / {r.simulated_phase} |")
         header = [*MATRIX_SETUP_KEYS, "architecture", "analytic_bytes", "simulated_bytes", "ratio", "analytic_phase",
-                  "simulated_phase", "sim_seconds", "error"]
+                  "simulated_phase", "sim_seconds", "error", "simulated_with"]
         header += [f"analytic_{c}" for c in COMPONENTS] + [f"simulated_{c}" for c in COMPONENTS]
         rows = [[r.setup.get(k, MATRIX_KEY_DEFAULTS.get(k)) for k in MATRIX_SETUP_KEYS]
                 + [r.architecture, r.analytic_bytes, r.simulated_bytes,
                                                      f"{r.ratio:.5f}", r.analytic_phase, r.simulated_phase,
-                                                     f"{r.sim_seconds:.2f}", r.error or ""]
+                                                     f"{r.sim_seconds:.2f}", r.error or "", r.simulated_with]
                 + [r.analytic_components.get(c, 0) for c in COMPONENTS]
                 + [r.simulated_components.get(c, 0) for c in COMPONENTS] for r in matrix]
         p = out / "validation_matrix.csv"

@@ -39,6 +39,10 @@ def test_compare_setup_on_a_tiny_model_is_close(tiny_llama):
     row = compare_setup(TrainSetup(tiny_llama, seq_len=64, batch_size=2, dtype="bf16"))
     assert row.error is None, row.error
     assert row.simulated_bytes > 0
+    import transformers
+
+    # the row says which stack the simulation ran on (the matrix CSV's simulated_with column)
+    assert f"transformers={transformers.__version__.split('+')[0]}" in row.simulated_with
     # Tiny models are dominated by small terms the analytic model treats coarsely; it still lands near.
     assert 0.8 < row.ratio < 1.25
 
@@ -72,6 +76,12 @@ def test_rescore_recomputes_the_analytic_side_only(tmp_path):
     write_report(tmp_path, matrix=[row])
     (rescored,) = rescore_matrix(tmp_path / "validation_matrix.csv")
     assert rescored.simulated_bytes == 123_456_789  # kept from the CSV
+    assert rescored.simulated_with == ""  # a row written before the column: not claimed
+    from dataclasses import replace
+
+    stack = "transformers=4.48.3,peft=0.14.0,bitsandbytes=0.45.2,torch=2.13.0"
+    write_report(tmp_path, matrix=[replace(row, simulated_with=stack)])
+    assert rescore_matrix(tmp_path / "validation_matrix.csv")[0].simulated_with == stack
     assert rescored.analytic_bytes == estimate_for(spec, resolved, include_runtime=False).total_bytes
 
 
