@@ -53,7 +53,6 @@ from .dtypes import torch_dtype
 from .build import build_training_model
 from .cuda_semantics import SIM_ATTN, CudaKernels, cuda_patches, fake_fidelity_patches
 from .optimizer import make_optimizer
-from .phase_parts import phase_components
 from .recorder import StepRecorder
 from .step import run_steps
 
@@ -79,7 +78,7 @@ class SimResult:
     device_semantics: str
     wall_seconds: float
     notes: tuple[str, ...] = field(default=())
-    # PHASES name -> components at that phase's own highest level (memplan.measure.phase_parts)
+    # PHASES name -> components at that phase's own highest level (TrackResult.estimate_phase_components)
     phase_components: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -199,7 +198,8 @@ def simulate_for(spec, setup: TrainSetup, gpu=None, *, steps: int = 2, device_se
         peak_phase=res.peak_estimate_phase or res.peak_phase, phases=phases, phase_peaks=dict(res.phase_peaks),
         step_peaks=tuple(res.step_peaks), params=params, paged_bytes=paged, final_bytes=res.final_bytes,
         device_semantics=device_semantics, wall_seconds=round(time.perf_counter() - t0, 3), notes=tuple(notes),
-        phase_components=phase_components(trk),
+        phase_components={p: {c: int(comps.get(c, 0)) for c in COMPONENTS}
+                          for p, comps in res.estimate_phase_components.items()},
     )
 
 

@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import weakref
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Iterable
 
 import torch
@@ -58,6 +57,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map_only
 
 from memplan.plan.breakdown import COMPONENTS, PHASES  # pure Python (the planning side never imports this module)
+
+from .track_result import TrackResult
 
 __all__ = ["MemoryTracker", "TrackResult", "CATEGORIES", "STEP_PHASES"]
 
@@ -67,22 +68,6 @@ _REGISTERABLE = ("inputs",) + tuple(c for c in COMPONENTS if c not in ("cuda_con
 STEP_PHASES = ("load", "forward", "backward", "optimizer_step", "zero_grad")
 _ESTIMATE_PHASES = PHASES
 _LOAD = "load"  # the phase of everything outside a ``phase()`` block
-
-
-@dataclass(frozen=True)
-class TrackResult:
-    """What a tracked run used, in bytes (rounded per storage to the tracker's ``round_to``)."""
-
-    peak_bytes: int
-    peak_phase: str  # tracker phase at the peak: load / forward / backward / optimizer_step / zero_grad
-    peak_components: dict[str, int]  # CATEGORIES -> bytes alive at the peak; sums to peak_bytes
-    phase_peaks: dict[str, int]  # tracker phase -> highest level while it ran (over all steps)
-    final_bytes: int  # alive when tracking stopped (or now, if it has not)
-    step_peaks: list[int]  # one per step: from entering ``forward`` to entering the next one
-    # the analytic model's phase names (memplan.plan.breakdown.PHASES), see the module docstring
-    peak_estimate_phase: str = ""  # PHASES name at the peak ("" when the peak is in load / zero_grad)
-    estimate_phase_peaks: dict[str, int] = field(default_factory=dict)  # PHASES name -> highest level
-    peak_step: int = 0  # 1-based step of the peak (0: before the first step)
 
 
 class MemoryTracker(TorchDispatchMode):
@@ -329,6 +314,7 @@ class MemoryTracker(TorchDispatchMode):
         phase_peaks: dict[str, int] = {}
         step_peaks: list[int] = []
         sub_peaks: dict[str, int] = {}
+        sub_seqs: dict[str, int] = {}  # PHASES name -> the first moment it reached its highest level
         ph = 0
         live_bwd_logits = grads_so_far = 0
 
@@ -341,8 +327,11 @@ class MemoryTracker(TorchDispatchMode):
             phase_peaks[name] = max(phase_peaks.get(name, 0), level)
             sub = {"forward": "forward_end", "optimizer_step": "optimizer_step"}.get(name)
             if sub:
+                if p and level > sub_peaks.get(sub, -1):
+                    sub_seqs[sub] = seq - 1  # the moment before this phase's first event
                 sub_peaks[sub] = max(sub_peaks.get(sub, 0), level)
 
+        seq = 0
         enter(0)
         for seq, code in events:
             while ph + 1 < len(self._phases) and self._phases[ph + 1][2] <= seq:
@@ -365,13 +354,18 @@ class MemoryTracker(TorchDispatchMode):
                 step_peaks[-1] = level
             sub = self._subphase(name, ph, live_bwd_logits, grads_so_far, grads_made)
             if sub and level > sub_peaks.get(sub, -1):
-                sub_peaks[sub] = level
+                sub_peaks[sub], sub_seqs[sub] = level, seq
             if level > peak:
                 peak, peak_seq, peak_ph, peak_sub = level, seq, ph, sub
-        comps = dict.fromkeys(CATEGORIES, 0)
-        for i in range(n):
-            if self._born[i] <= peak_seq and (self._died[i] == -1 or self._died[i] > peak_seq):
-                comps[cats[i]] += size[i]
+
+        def alive_at(at: int) -> dict[str, int]:
+            comps = dict.fromkeys(CATEGORIES, 0)
+            for i in range(n):
+                if self._born[i] <= at and (self._died[i] == -1 or self._died[i] > at):
+                    comps[cats[i]] += size[i]
+            return comps
+
+        comps = alive_at(peak_seq)
         final = sum(size[i] for i in range(n) if self._born[i] <= end and (self._died[i] == -1 or self._died[i] > end))
         return TrackResult(
             peak_bytes=peak, peak_phase=self._phases[peak_ph][0], peak_components=comps,
@@ -379,6 +373,7 @@ class MemoryTracker(TorchDispatchMode):
             peak_estimate_phase=peak_sub, estimate_phase_peaks={p: sub_peaks[p] for p in _ESTIMATE_PHASES
                                                                 if p in sub_peaks},
             peak_step=self._phases[peak_ph][1],
+            estimate_phase_components={p: alive_at(at) for p, at in sub_seqs.items()},
         )
 
     def _subphase(self, name: str, ph: int, live_bwd_logits: int, grads_so_far: int, grads_made: dict) -> str:
