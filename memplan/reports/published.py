@@ -13,6 +13,8 @@ from pathlib import Path
 from memplan.fileio import write_atomic
 from memplan.measure.published import PublishedResult
 
+from .validation import finish_estimate_plot
+
 __all__ = ["write_published_report", "PUBLISHED_FILES", "PUBLISHED_COLUMNS", "summarize"]
 
 PUBLISHED_FILES = ("published.md", "published.csv", "published.png")
@@ -171,30 +173,7 @@ def _plot(path: Path, results: Sequence[PublishedResult]) -> Path | None:
                            color=color, alpha=alpha, edgecolors="none",
                            label=f"{FRAMEWORK_LABELS[fw].split(' (')[0]}, grade {'/'.join(grades)}")
     values = [r.row.measured_gib for r in pts] + [r.predicted_gib for r in pts]
-    lo, hi = min(values) * 0.8, max(values) * 1.25
-    xs = [lo, hi]
-    ax.plot(xs, xs, color="black", lw=1, label="estimate = measured")
-    ax.fill_between(xs, [x * 0.85 for x in xs], [x * 1.15 for x in xs], color="grey", alpha=0.15, label="±15%")
-    ax.fill_between(xs, [x * 0.95 for x in xs], [x * 1.05 for x in xs], color="grey", alpha=0.25, label="±5%")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlim(lo, hi)
-    ax.set_ylim(lo, hi)
-    from matplotlib.ticker import FuncFormatter
-
-    def tick(v, _pos):  # plain GiB numbers; on the minor ticks only 2, 3 and 5 times a power of ten
-        return f"{v:g}" if f"{v:g}"[0] in "1235" else ""
-    for axis in (ax.xaxis, ax.yaxis):
-        axis.set_major_formatter(FuncFormatter(tick))
-        axis.set_minor_formatter(FuncFormatter(tick))
-    ax.set_xlabel("published peak memory, GiB (in its own metric)")
-    ax.set_ylabel("memplan estimate in that metric, GiB")
-    ax.set_title("memplan vs published measurements")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left")
-    fig.tight_layout()
-    try:
-        write_atomic(path, lambda f: fig.savefig(f, format="png"), binary=True)
-    finally:
-        plt.close(fig)
-    return path
+    return finish_estimate_plot(plt, fig, ax, path, values, bands=((0.15, 0.15), (0.05, 0.25)),
+                                xlabel="published peak memory, GiB (in its own metric)",
+                                ylabel="memplan estimate in that metric, GiB",
+                                title="memplan vs published measurements", plain_ticks=True)

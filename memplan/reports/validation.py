@@ -14,7 +14,7 @@ from memplan.measure.validate import MATRIX_KEY_DEFAULTS, MATRIX_SETUP_KEYS, Mat
 from memplan.plan.breakdown import COMPONENTS
 from memplan.units import GiB
 
-__all__ = ["write_report", "VALIDATION_FILES"]
+__all__ = ["write_report", "VALIDATION_FILES", "finish_estimate_plot"]
 
 # every file write_report may write (memplan validate refuses to replace them without --force)
 VALIDATION_FILES = ("validation.md", "validation_matrix.csv", "validation_runs.csv", "validation.png")
@@ -206,19 +206,40 @@ def _plot(path: Path, matrix: list[MatrixRow], runs: list[RunRow]) -> Path | Non
         ax.scatter([r.measured_bytes / gib for r in measured], [r.analytic_bytes / gib for r in measured], s=40,
                    marker="x", color="black", label="recorded runs")
     values = [r.simulated_bytes / gib for r in matrix] + [r.measured_bytes / gib for r in measured]
+    return finish_estimate_plot(plt, fig, ax, path, values, bands=((0.05, 0.2),),
+                                xlabel="measured peak (simulated or recorded), GiB", ylabel="analytic estimate, GiB",
+                                title="memplan: analytic estimate vs measured peak", legend_columns=2)
+
+
+def finish_estimate_plot(plt, fig, ax, path: Path, values: list[float], *, bands: tuple[tuple[float, float], ...],
+                         xlabel: str, ylabel: str, title: str, legend_columns: int = 1,
+                         plain_ticks: bool = False) -> Path:
+    """The frame every estimate-vs-measured scatter shares: log-log axes around ``values``, the identity line,
+    a grey band per (fraction, alpha) in ``bands``, labels and legend; written atomically, then closed.
+    ``plain_ticks`` labels the axes in plain numbers (1, 2, 3, 5 x a power of ten)."""
     lo, hi = min(values) * 0.8, max(values) * 1.25
     xs = [lo, hi]
     ax.plot(xs, xs, color="black", lw=1, label="estimate = measured")
-    ax.fill_between(xs, [x * 0.95 for x in xs], [x * 1.05 for x in xs], color="grey", alpha=0.2, label="±5%")
+    for fraction, alpha in bands:
+        ax.fill_between(xs, [x * (1 - fraction) for x in xs], [x * (1 + fraction) for x in xs], color="grey",
+                        alpha=alpha, label=f"±{100 * fraction:g}%")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlim(lo, hi)
     ax.set_ylim(lo, hi)
-    ax.set_xlabel("measured peak (simulated or recorded), GiB")
-    ax.set_ylabel("analytic estimate, GiB")
-    ax.set_title("memplan: analytic estimate vs measured peak")
+    if plain_ticks:
+        from matplotlib.ticker import FuncFormatter
+
+        def tick(v, _pos):  # plain GiB numbers; on the minor ticks only 2, 3 and 5 times a power of ten
+            return f"{v:g}" if f"{v:g}"[0] in "1235" else ""
+        for axis in (ax.xaxis, ax.yaxis):
+            axis.set_major_formatter(FuncFormatter(tick))
+            axis.set_minor_formatter(FuncFormatter(tick))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, ncol=2, loc="upper left")
+    ax.legend(fontsize=7, ncol=legend_columns, loc="upper left")
     fig.tight_layout()
     try:
         write_atomic(path, lambda f: fig.savefig(f, format="png"), binary=True)
