@@ -207,6 +207,9 @@ def derive_fields(config: dict, where: str, announce=None) -> dict:
         layer_linears, top_linears, params = _moe_parameters(moe, layer_linears, top_linears, params, model, prefix)
     total = sum(p.numel() for p in model.parameters())
     fields = _scalars(text, n_layers, tied, layer_linears + top_linears, stack)
+    cls = type(model)
+    fields["attention_implementations"] = ("eager",) + (("sdpa",) if getattr(cls, "_supports_sdpa", False) else ()) \
+        + (("flash_attention_2",) if getattr(cls, "_supports_flash_attn", False) else ())
     fields.update(layer_prefix=prefix, layer_linears=tuple(layer_linears), top_linears=tuple(top_linears),
                   tied_linears=tuple(tied_linears), params=tuple(params), derived=True,
                   lora_defaults=_peft_defaults(cfg.model_type, layer_linears + top_linears),

@@ -27,66 +27,88 @@ if TYPE_CHECKING:
 
     from .setup import TrainSetup
 
-__all__ = ["regime_key", "coefficients", "derived_dynamic", "predict"]
+__all__ = ["regime_key", "coefficients", "derived_dynamic", "predict", "NotTracedError"]
+
+
+class NotTracedError(InvalidSetupError):
+    """A regime that is neither cached nor shipped, where nothing can trace it: not a setup the model cannot run,
+    so ``fit`` does not search past it (it would quietly drop a whole regime)."""
 
 _MEMO: dict[tuple[str, str], dict] = {}
 
 
 def regime_key(spec: ModelSpec, setup: TrainSetup) -> str:
-    """What changes the traced terms (not the optimizer: its step is analytic; not the batch or sequence: fitted)."""
+    """What changes the traced terms. Not the optimizer (its step is analytic), not the batch or sequence (fitted
+    terms), and not ``setup.versions``: the terms are traced on the installed stack, which the entry
+    records (``stack``) and the estimate's notes name."""
     masked = bool(spec.sliding_window) and setup.seq_len >= spec.sliding_window
     parts = (setup.method, setup.bits, setup.quant_type, setup.double_quant, setup.dtype, setup.autocast,
              setup.upcast_non_quantized, setup.adapter_dtype, setup.targets if setup.trains_lora else None,
              setup.rank if setup.trains_lora else None, setup.lora_dropout if setup.trains_lora else None,
-             bool(setup.grad_ckpt), setup.attn, setup.versions, masked)
+             bool(setup.grad_ckpt), setup.attn, masked)
     return "|".join(str(p) for p in parts)
 
 
 def coefficients(spec: ModelSpec, setup: TrainSetup) -> dict:
     """The traced terms of this regime: from memory, the cache, or a trace (which needs torch)."""
-    from memplan.catalog.models.derive import read_entry, update_entry
-
     if setup.method == "full":
         # The traced terms of full fine-tuning miss an unfitted check point by 40-65% on the tiny configs (the
         # gradients and optimizer-step temporaries of every weight do not fit the per-layer form): refuse, not guess.
         raise InvalidSetupError(f"{spec.name}: full fine-tuning of an architecture without a hand-written family is "
                                 f"not planned yet; plan --method lora or qlora")
     key = regime_key(spec, setup)
-    hit = _MEMO.get((spec.derived_key, key))
-    if hit is not None:
-        return hit
+    found = _MEMO.get((spec.derived_key, key))
+    if found is None:
+        found = _lookup(spec, setup, key)
+        _MEMO[(spec.derived_key, key)] = found
+    if "error" in found:  # a regime the installed libraries cannot run (a crash in peft, a kernel's dtype)
+        raise InvalidSetupError(f"{spec.name}: {found['error']}")
+    return found
+
+
+def _lookup(spec: ModelSpec, setup: TrainSetup, key: str) -> dict:
+    """The regime's entry from the cache (or shipped), else traced now and cached."""
+    from memplan.catalog.models.derive import read_entry, update_entry
+
     entry = read_entry(spec.derived_key) if spec.derived_key else None
     found = (entry or {}).get("regimes", {}).get(key)
     if found is None:
         try:  # the measurement side, loaded by name only when a regime is traced (the plan wing imports no torch)
             trace_regime = importlib.import_module("memplan.measure.derive_trace").trace_regime
         except ImportError as exc:
-            raise InvalidSetupError(f"{spec.name}: the activation terms of this regime are not cached yet and tracing "
-                                    f"them needs {exc.name or 'torch'}: pip install 'memplan[profile]'") from None
+            raise NotTracedError(f"{spec.name}: the activation terms of this regime are not cached yet and tracing "
+                                 f"them needs {exc.name or 'torch'}: pip install 'memplan[profile]'") from None
+        from dataclasses import replace
+
+        from .versions import default_stack
+
+        traced_on = default_stack().text  # the installed libraries, whatever stack the plan names
         try:
-            found = trace_regime(spec, setup, progress=True)
-        except InvalidSetupError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - the model cannot run this regime: one line, why
-            text = " ".join(str(exc).split())[:200] or type(exc).__name__
-            raise InvalidSetupError(f"{spec.name}: tracing this regime failed ({type(exc).__name__}: {text})") from None
+            found = {**trace_regime(spec, replace(setup, versions=traced_on), progress=True), "stack": traced_on}
+        except Exception as exc:  # noqa: BLE001 - the model cannot run this regime: one line, why, remembered
+            text = " ".join(str(exc).split())[:240] or type(exc).__name__
+            if not isinstance(exc, InvalidSetupError):
+                text = f"tracing this regime failed ({type(exc).__name__}: {text})"
+            elif text.startswith(f"{spec.name}: "):
+                text = text[len(spec.name) + 2:]
+            found = {"error": text, "stack": traced_on}
         if spec.derived_key:
             update_entry(spec.derived_key, lambda e: {**e, "regimes": {**e.get("regimes", {}), key: found}})
         check = found.get("check", {}).get("max_rel_error", 0.0)
         if check > 0.01:
             print(f"memplan: note: the traced terms of {spec.name} miss an unfitted point by {check:.1%}",
                   file=sys.stderr)
-    _MEMO[(spec.derived_key, key)] = found
     return found
 
 
 def derived_dynamic(spec: ModelSpec, setup: TrainSetup, analytic: dict, *, ws: int, grad_bytes: int, new_grad: int,
-                    held: bool) -> dict:
-    """``estimate_for``'s phase -> (activations, logits_loss, gradients, transients) for a derived spec: the traced
+                    held: bool) -> tuple[dict, str]:
+    """``estimate_for``'s phase -> (activations, logits_loss, gradients, transients) for a derived spec, and the
+    note that says where they come from: the traced
     terms at this batch and sequence (+ the cuBLAS workspace); the optimizer step as ``analytic`` has it. With
     gradient accumulation the earlier micro-batches' gradients are held (docs/memory-model.md), as analytic."""
-    terms = coefficients(spec, setup)["terms"]
-    at = predict(terms, spec.num_layers, setup.batch_size, setup.seq_len)
+    found = coefficients(spec, setup)
+    at = predict(found["terms"], spec.num_layers, setup.batch_size, setup.seq_len)
     out = dict(analytic)
     for phase, comps in at.items():
         grads, trans = comps["gradients"], comps["transients"] + ws
@@ -95,4 +117,8 @@ def derived_dynamic(spec: ModelSpec, setup: TrainSetup, analytic: dict, *, ws: i
             if phase == "backward":
                 trans += new_grad
         out[phase] = (comps["activations"], comps["logits_loss"], grads, trans)
-    return out
+    stack = found.get("stack")
+    note = (f"{spec.model_type} has no hand-written family in memplan: its parameters are read off transformers' "
+            f"module tree and its activations traced with memplan simulate on 1-2 layers"
+            + (f" with {stack.replace('=', ' ').replace(',', ', ')}" if stack and stack != setup.versions else ""))
+    return out, note

@@ -105,9 +105,11 @@ def estimate_for(spec: ModelSpec, setup: TrainSetup, gpu: GPUSpec | None = None,
         "backward_end": (end_activations, 0, f.grad_bytes, end_transient + ws),
         "optimizer_step": (0, 0, f.grad_bytes, f.opt_temp_bytes + ws),
     }
+    notes = f.notes
     if spec.derived:  # no hand-written formula: the terms traced for this regime (memplan.plan.derived)
-        phase_dynamic = derived_dynamic(spec, setup, phase_dynamic, ws=ws, grad_bytes=f.grad_bytes,
-                                        new_grad=f.head_grad, held=gradients_held(setup))
+        phase_dynamic, derived_note = derived_dynamic(spec, setup, phase_dynamic, ws=ws, grad_bytes=f.grad_bytes,
+                                                      new_grad=f.head_grad, held=gradients_held(setup))
+        notes += (derived_note,)
     phases: dict[str, dict[str, int]] = {}
     for name, (activations, logits, gradients, transients) in phase_dynamic.items():
         dynamic = activations + logits + gradients + transients
@@ -118,7 +120,6 @@ def estimate_for(spec: ModelSpec, setup: TrainSetup, gpu: GPUSpec | None = None,
     totals = {p: sum(c.values()) for p, c in phases.items()}
     peak_phase = max(PHASES, key=totals.__getitem__)
 
-    notes = f.notes
     if setup.attn == "eager" and setup.seq_len >= 1024:
         notes += ("eager attention keeps batch x heads x seq^2 score matrices per layer; sdpa does not",)
     return Estimate(setup=setup, total_bytes=totals[peak_phase], components=phases[peak_phase],

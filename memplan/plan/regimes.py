@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from memplan.errors import InvalidSetupError
 
+from .derived import NotTracedError
 from .estimate import Estimate, estimate_for
 from .setup import TrainSetup, resolve_setup
 
@@ -67,16 +68,18 @@ def leaner_regimes(spec: ModelSpec, setup: TrainSetup, gpu: GPUSpec | None, budg
     ``batches``, ascending)."""
     out = []
     for changes, text in _candidates(setup, gpu):
+        best = None
         try:
             other = resolve_setup(replace(setup, **changes), spec, gpu)
-        except InvalidSetupError:
+            for b in batches:  # few (powers of two); memory grows with the batch
+                e = estimate_for(spec, replace(other, batch_size=b), gpu)
+                if not budget.fits(e.total_bytes):
+                    break
+                best = e
+        except NotTracedError:
+            raise
+        except InvalidSetupError:  # a regime this model cannot run (or, derived, its libraries cannot)
             continue
-        best = None
-        for b in batches:  # few (powers of two); memory grows with the batch
-            e = estimate_for(spec, replace(other, batch_size=b), gpu)
-            if not budget.fits(e.total_bytes):
-                break
-            best = e
         if best is not None and best.setup.batch_size > setup.batch_size:
             out.append(RegimeAlternative(text, best))
     return tuple(out)

@@ -28,6 +28,7 @@ from memplan.errors import InvalidSetupError, UnknownGPUError
 from .budget import Budget, check_headroom
 from .estimate import Estimate, estimate_for
 from .setup import TrainSetup, resolve_setup, sequence_limit
+from .derived import NotTracedError
 from .regimes import leaner_regimes
 from .speed import step_time
 from .stack_notes import fit_notes
@@ -299,12 +300,15 @@ def fit_for(spec: ModelSpec, setup: TrainSetup, gpu: GPUSpec | None, *, budget: 
                                             grad_ckpt=ckpt, optimizer=opt, batch_size=batches[0])
                         try:
                             resolved = resolve_setup(candidate, spec, gpu)
+                            at_one = s.est(resolved)
+                        except NotTracedError:
+                            raise
                         except InvalidSetupError as exc:
-                            # e.g. all-linear on Mixtral with LoRA dropout (peft refuses it): other combinations
-                            # may still run; when none can, the first reason is the answer
+                            # e.g. all-linear on Mixtral with LoRA dropout (peft refuses it), or a derived model's
+                            # regime its libraries cannot run: other combinations may still run; when none can,
+                            # the first reason is the answer
                             first_error = first_error or exc
                             continue
-                        at_one = s.est(resolved)
                         if leanest is None or at_one.total_bytes < leanest.total_bytes:
                             leanest = at_one
                         if s.fits(at_one):

@@ -182,7 +182,15 @@ def sequence_limit(spec: ModelSpec, *, allow_long_context: bool = False) -> int 
 def default_attention(spec: ModelSpec, versions: str | None = None) -> str:
     """What ``attn="auto"`` becomes: sdpa where transformers supports it for the architecture, else eager."""
     ok = spec.model_type not in _AUTO_EAGER and sdpa_supported(spec.model_type, stack_of(versions))
+    if spec.attention_implementations:  # a derived spec: what its model class supports
+        ok = "sdpa" in spec.attention_implementations
     return "sdpa" if ok else "eager"
+
+
+def _grouped_mm_experts(spec: ModelSpec) -> bool:
+    """Whether a derived spec's experts are fused 3-D parameters (transformers 5), which run through grouped_mm."""
+    return spec.derived and any(lin.num_experts > 1 and lin.peft_target == "parameter"
+                                for lin in spec.layer_linears + spec.top_linears)
 
 
 def describe_setup(setup: TrainSetup) -> str:
@@ -309,6 +317,10 @@ def resolve_setup(setup: TrainSetup, spec: ModelSpec, gpu: GPUSpec | None = None
     attn = setup.attn
     if attn == "auto":
         attn = default_attention(spec, versions)
+    supported = spec.attention_implementations
+    if supported and attn not in supported:
+        raise InvalidSetupError(f"{spec.model_type} models do not support {attn} attention in transformers; use "
+                                f"{' or '.join(supported)}")
     if attn == "sdpa" and not sdpa_supported(spec.model_type, stack_of(versions)):
         raise InvalidSetupError(f"{spec.model_type} models do not support sdpa attention in transformers "
                                 f"{stack_of(versions).transformers}; use eager")
@@ -338,10 +350,17 @@ def resolve_setup(setup: TrainSetup, spec: ModelSpec, gpu: GPUSpec | None = None
         )
 
     upcast = setup.upcast_non_quantized
+    grouped = _grouped_mm_experts(spec)
     if upcast is None:
-        upcast = bits in (4, 8)
+        upcast = bits in (4, 8) and not grouped
     elif upcast and bits not in (4, 8):
         raise InvalidSetupError("--upcast applies to 4/8-bit (prepare_model_for_kbit_training) only")
+    if grouped and (upcast or dtype != "bf16"):
+        # transformers 5 runs fused 3-D experts through torch grouped_mm, bf16 only on CUDA (memplan simulate
+        # refuses the same, memplan.measure.simulate._check_grouped_mm)
+        raise InvalidSetupError(f"{spec.name}: transformers runs its fused MoE experts with torch grouped_mm, which "
+                                f"takes bf16 only on CUDA; plan --dtype bf16 without --upcast (skip "
+                                f"prepare_model_for_kbit_training's fp32 upcast, or cast the experts back to bf16)")
 
     targets = setup.targets
     alpha = setup.alpha

@@ -20,6 +20,8 @@ The attention rules ("sdpa-repeats-kv", "sdpa-native-gqa") are applied by ``memp
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from typing import TYPE_CHECKING
 
 from memplan.catalog.models.layouts import moe_as_linears, quantize_linear_subclasses
@@ -58,7 +60,9 @@ def layout_for(spec: ModelSpec, versions: str | None) -> ModelSpec:
         if len(_LAYOUTS) > 1024:
             _LAYOUTS.clear()
         _LAYOUTS[key] = hit
-    return hit
+    # equal specs can differ in raw config values memplan does not read (a traced sub-stack's layer_types), which
+    # the model build does read: hand back this spec's own config, never the first equal spec's
+    return hit if hit.config is spec.config else replace(hit, config=spec.config)
 
 
 def default_adapter_dtype(bits: int, dtype: str, versions: str | None) -> str:

@@ -116,6 +116,38 @@ def test_generic_estimate_matches_simulate(mt, bits):
 
 
 @EXTRAS
+def test_hybrid_stacks_are_traced_by_layer_kind():
+    """OLMo-3's three sliding-window layers to one global one: each kind is traced on a stack of its own (the
+    first two layers alone would both be sliding), and the estimate holds at a sequence past the window."""
+    from memplan.measure.derive_trace import layer_kinds
+    from memplan.measure.simulate import simulate_for
+    from memplan.plan.estimate import estimate_for
+
+    cfg = _tiny("olmo3", num_hidden_layers=4, sliding_window=128,
+                layer_types=["sliding_attention"] * 3 + ["full_attention"])
+    spec = spec_from_config(cfg, name="olmo3-hybrid")
+    assert layer_kinds(spec) == [("sliding_attention", 3), ("full_attention", 1)]
+    setup = _setup(spec, 16)  # batch 2, seq 512: past the window, traced at 128-256
+    est = estimate_for(spec, setup, include_runtime=False)
+    sim = simulate_for(spec, setup)
+    assert est.total_bytes / sim.total_bytes == pytest.approx(1.0, abs=0.02)
+
+
+@EXTRAS
+def test_attention_the_model_class_lacks_is_refused():
+    """gpt-oss has no SDPA path (its attention sinks): eager by default, and sdpa refused in one line."""
+    from memplan.errors import InvalidSetupError
+    from memplan.plan.setup import TrainSetup, resolve_setup
+
+    spec = spec_from_config(_tiny("gpt_oss"), name="gpt-oss-tiny")
+    assert "sdpa" not in spec.attention_implementations and "eager" in spec.attention_implementations
+    assert resolve_setup(TrainSetup(model="x"), spec).attn == "eager"
+    with pytest.raises(InvalidSetupError) as err:
+        resolve_setup(TrainSetup(model="x", attn="sdpa"), spec)
+    assert "do not support sdpa" in str(err.value) and "\n" not in str(err.value)
+
+
+@EXTRAS
 def test_moe_targets_follow_peft_target_parameters():
     spec = spec_from_config(_tiny("qwen3_moe"), name="qwen3_moe")
     names = {lin.name for lin in spec.resolve_targets("all-linear")}

@@ -10,6 +10,12 @@ Both are cached as one JSON file per config in the user's cache folder
 (``$MEMPLAN_CACHE_DIR``, else ``$XDG_CACHE_HOME/memplan/derived``, else ``~/.cache/memplan/derived``), named by
 the sha256 of the canonical config and the transformers version, so a second plan needs neither torch nor
 transformers. This module itself imports neither.
+
+memplan also ships derivations: ``profiles/derived/specs/<sha256 of the config>.json`` holds the spec and the
+regimes ``fit`` searches for each catalog model without a hand-written family (written by
+``python -m memplan.measure.derive_ship``). A config that matches one, by catalog name or as a local
+``config.json`` with the same values, plans at once and without torch or transformers; regimes it lacks are traced
+into the user's cache on top of it.
 """
 
 from __future__ import annotations
@@ -28,10 +34,10 @@ from memplan.fileio import write_atomic
 
 from .spec import LinearSpec, ModelSpec, ParamSpec
 
-__all__ = ["derive_spec", "cache_dir", "cache_key", "cache_path", "read_entry", "update_entry", "transformers_version",
-           "spec_to_dict", "spec_from_dict", "FORMAT"]
+__all__ = ["derive_spec", "cache_dir", "cache_key", "cache_path", "config_key", "shipped_dir", "read_shipped",
+           "read_entry", "update_entry", "transformers_version", "spec_to_dict", "spec_from_dict", "FORMAT"]
 
-FORMAT = 1  # bump when the cached layout changes: older entries are then derived again
+FORMAT = 2  # bump when the cached layout changes: older entries are then derived again
 _NOT_ARCHITECTURE = ("quantization_config", "auto_map", "_name_or_path", "transformers_version", "architectures")
 
 
@@ -66,15 +72,49 @@ def cache_path(key: str) -> Path:
     return cache_dir() / f"{key}.json"
 
 
-def read_entry(key: str) -> dict | None:
-    """The cached entry (``{"format", "spec", "regimes"}``), or None when there is none or it is unreadable."""
+def config_key(config: dict) -> str:
+    """The name of a shipped derivation: the sha256 of the config's architecture values (no library version)."""
+    arch = {k: v for k, v in config.items() if k not in _NOT_ARCHITECTURE}
+    canon = json.dumps({"config": arch, "format": FORMAT}, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canon.encode()).hexdigest()
+
+
+def shipped_dir() -> Path:
+    from memplan.catalog import paths
+
+    return paths.profiles_dir() / "derived" / "specs"
+
+
+def read_shipped(config: dict) -> dict | None:
+    """The shipped derivation of ``config`` (``{"format", "id", "transformers", "spec", "regimes", ...}``), or None."""
     try:
-        data = json.loads(cache_path(key).read_text(encoding="utf-8"))
+        data = json.loads((shipped_dir() / f"{config_key(config)}.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("spec"), dict):
         return None
     data.setdefault("regimes", {})
+    return data
+
+
+_SHIPPED: dict[str, dict] = {}  # cache key -> the shipped entry under it (registered by derive_spec)
+
+
+def read_entry(key: str) -> dict | None:
+    """The cached entry (``{"format", "spec", "regimes"}``) over the shipped one of the same key, or None when
+    there is neither (or the cached file is unreadable)."""
+    try:
+        data = json.loads(cache_path(key).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        data = None
+    if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("spec"), dict):
+        data = None
+    shipped = _SHIPPED.get(key)
+    if shipped is not None:
+        mine = (data or {}).get("regimes", {})
+        data = {**shipped, **(data or {}), "regimes": {**shipped.get("regimes", {}), **mine}}
+    if data is not None:
+        data.setdefault("regimes", {})
     return data
 
 
@@ -119,6 +159,7 @@ def spec_from_dict(d: dict) -> dict:
     out["lora_defaults"] = tuple(d.get("lora_defaults", ()))
     out["moe_targets"] = tuple(tuple(x) for x in d.get("moe_targets", ()))
     out["moe_fused"] = tuple((k, tuple(v)) for k, v in d.get("moe_fused", ()))
+    out["attention_implementations"] = tuple(d.get("attention_implementations", ()))
     return out
 
 
@@ -129,6 +170,14 @@ def derive_spec(config: dict, *, name: str, hf_id: str | None = None, source: st
     """The ModelSpec of a model type memplan has no family for, from the cache or derived from transformers."""
     where = source or name
     mt = config.get("model_type")
+    shipped = read_shipped(config)
+    if shipped is not None:  # derived once by memplan and shipped: no torch, no transformers
+        key = cache_key(config, str(shipped.get("transformers")))
+        _SHIPPED[key] = shipped
+        fields_ = {k: v for k, v in spec_from_dict(shipped["spec"]).items() if not k.startswith("_")}
+        fields_.pop("model_type", None)
+        return ModelSpec(name=name, model_type=mt, hf_id=hf_id, source=source, config=dict(config), derived_key=key,
+                         **fields_)
     version = transformers_version()
     if version is None:
         raise ConfigError(f"{where}: unsupported model_type {mt!r}: no hand-written family in memplan, and deriving "

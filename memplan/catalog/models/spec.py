@@ -141,6 +141,10 @@ class ModelSpec(LoraTargets):
     # peft's transformers-v5 MoE conversion for derived model types (targets.PEFT_V5_MOE_TARGETS / _FUSED form)
     moe_targets: tuple[tuple[str, str], ...] = ()
     moe_fused: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    # The attention implementations a derived model's class supports (``_supports_sdpa``, ``_supports_flash_attn``:
+    # gpt-oss has no SDPA path, for its attention sinks); empty for hand-written families, whose rules live in
+    # memplan.plan.attention.
+    attention_implementations: tuple[str, ...] = ()
 
     def __hash__(self) -> int:
         cached = self.__dict__.get("_hash")
