@@ -7,6 +7,7 @@ Never ``trust_remote_code``: only the model types the installed transformers shi
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 from memplan.errors import ConfigError
@@ -40,7 +41,9 @@ def hf_config(config: dict, where: str):
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    values = {k: v for k, v in config.items() if k not in NOT_ARCHITECTURE}
+    # a deep copy: transformers normalises nested values (rope_scaling -> rope_parameters) in place, which changed
+    # the caller's config and so its cache key (gpt-oss, Llama-4)
+    values = copy.deepcopy({k: v for k, v in config.items() if k not in NOT_ARCHITECTURE})
     mt = values.pop("model_type")
     version = transformers.__version__
     if mt not in CONFIG_MAPPING_NAMES:
@@ -193,20 +196,27 @@ def derive_fields(config: dict, where: str, announce=None) -> dict:
             continue
         top_linears.append(lin)
         lin_param_names |= {f"{name}.weight", f"{name}.bias"}
+    counted = set()  # named_parameters lists a shared parameter once, under its first name
     for name, p in model.named_parameters():
         if id(p) in in_stack or name in lin_param_names:
             continue
+        counted.add(id(p))
         params.append(ParamSpec(name, p.numel(), _param_kind(name, p, types)))
     if tied and head_name:
         tied_linears.append(LinearSpec(head_name, int(head.in_features), int(head.out_features),
                                        head.bias is not None, quantized_by_bnb=False, role="lm_head"))
-        if head.bias is not None:
+        # a head bias shared with another parameter (BERT-style heads: lm_head.decoder.bias is lm_head.bias) is
+        # already counted above; the sweep's 18 count mismatches were this, by exactly the vocabulary size
+        if head.bias is not None and id(head.bias) not in counted:
             params.append(ParamSpec(f"{head_name}.bias", head.bias.numel(), "bias"))
     moe = _peft_moe(cfg.model_type)
     if moe:
         layer_linears, top_linears, params = _moe_parameters(moe, layer_linears, top_linears, params, model, prefix)
     total = sum(p.numel() for p in model.parameters())
     fields = _scalars(text, n_layers, tied, layer_linears + top_linears, stack)
+    # transformers.integrations.moe.use_experts_implementation sets _is_expert_parallel on the experts module
+    fields["experts_grouped_mm"] = any(hasattr(m, "_is_expert_parallel") for m in model.modules()) and \
+        getattr(model.config, "_experts_implementation", None) in (None, "grouped_mm")
     cls = type(model)
     fields["attention_implementations"] = ("eager",) + (("sdpa",) if getattr(cls, "_supports_sdpa", False) else ()) \
         + (("flash_attention_2",) if getattr(cls, "_supports_flash_attn", False) else ())

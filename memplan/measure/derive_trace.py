@@ -29,6 +29,7 @@ and 64 came out 20% over simulate at rank 32 on a tiny Qwen3 QLoRA. Tracing each
 
 from __future__ import annotations
 
+import copy
 import sys
 import time
 from collections import Counter
@@ -65,7 +66,7 @@ def fit_sequences(window: int | None, masked: bool) -> tuple[int, int]:
 def spec_with_layers(spec, n: int, kinds: list[str] | None = None):
     """``spec`` with ``n`` decoder layers: config lists with one entry per layer (layer_types ...) truncated, or
     ``layer_types`` set to ``kinds`` (one per layer) when given."""
-    cfg = dict(spec.config)
+    cfg = copy.deepcopy(spec.config)
     old = int(cfg.get("num_hidden_layers", spec.num_layers))
     cfg["num_hidden_layers"] = n
     for k, v in list(cfg.items()):

@@ -18,7 +18,7 @@ import importlib
 import sys
 from typing import TYPE_CHECKING
 
-from memplan.errors import InvalidSetupError
+from memplan.errors import InvalidSetupError, MemplanError
 
 from .derived_terms import predict
 
@@ -27,12 +27,15 @@ if TYPE_CHECKING:
 
     from .setup import TrainSetup
 
-__all__ = ["regime_key", "coefficients", "derived_dynamic", "predict", "NotTracedError"]
+__all__ = ["regime_key", "coefficients", "derived_dynamic", "predict", "NotTracedError", "CHECK_LIMIT", "clear_memo"]
 
 
-class NotTracedError(InvalidSetupError):
-    """A regime that is neither cached nor shipped, where nothing can trace it: not a setup the model cannot run,
-    so ``fit`` does not search past it (it would quietly drop a whole regime)."""
+CHECK_LIMIT = 0.05  # a regime whose traced terms miss the check point by more is refused
+
+
+class NotTracedError(MemplanError):
+    """A regime that is neither cached nor shipped, where nothing can trace it: not a setup the model cannot run
+    (not an InvalidSetupError, which ``fit`` searches past: it would quietly drop a whole regime)."""
 
 _MEMO: dict[tuple[str, str], dict] = {}
 
@@ -49,6 +52,11 @@ def regime_key(spec: ModelSpec, setup: TrainSetup) -> str:
     return "|".join(str(p) for p in parts)
 
 
+def clear_memo() -> None:
+    """Forget the regimes this process has looked up (the next lookup reads the cache again)."""
+    _MEMO.clear()
+
+
 def coefficients(spec: ModelSpec, setup: TrainSetup) -> dict:
     """The traced terms of this regime: from memory, the cache, or a trace (which needs torch)."""
     if setup.method == "full":
@@ -63,6 +71,13 @@ def coefficients(spec: ModelSpec, setup: TrainSetup) -> dict:
         _MEMO[(spec.derived_key, key)] = found
     if "error" in found:  # a regime the installed libraries cannot run (a crash in peft, a kernel's dtype)
         raise InvalidSetupError(f"{spec.name}: {found['error']}")
+    check = found.get("check", {}).get("max_rel_error", 0.0)
+    if check > CHECK_LIMIT:
+        # Each phase's figure is its largest moment; where the moment changes between the fitted points (under
+        # checkpointing, the logits' backward against a layer's recomputation: OLMo-3 16-bit all-linear, Llama-4
+        # 4-bit), the fit is of no form and extrapolates wildly. Refused, not guessed; fit searches past it.
+        raise InvalidSetupError(f"{spec.name}: the activation terms traced for this regime miss an unfitted point "
+                                f"by {check:.0%} (the phase peak moves between the traced points); not planned")
     return found
 
 
@@ -119,6 +134,6 @@ def derived_dynamic(spec: ModelSpec, setup: TrainSetup, analytic: dict, *, ws: i
         out[phase] = (comps["activations"], comps["logits_loss"], grads, trans)
     stack = found.get("stack")
     note = (f"{spec.model_type} has no hand-written family in memplan: its parameters are read off transformers' "
-            f"module tree and its activations traced with memplan simulate on 1-2 layers"
+            f"module tree and its activations traced with memplan simulate on 1-3 layers"
             + (f" with {stack.replace('=', ' ').replace(',', ', ')}" if stack and stack != setup.versions else ""))
     return out, note

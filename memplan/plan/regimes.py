@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING
 
 from memplan.errors import InvalidSetupError
 
-from .derived import NotTracedError
 from .estimate import Estimate, estimate_for
 from .setup import TrainSetup, resolve_setup
 
@@ -76,8 +75,6 @@ def leaner_regimes(spec: ModelSpec, setup: TrainSetup, gpu: GPUSpec | None, budg
                 if not budget.fits(e.total_bytes):
                     break
                 best = e
-        except NotTracedError:
-            raise
         except InvalidSetupError:  # a regime this model cannot run (or, derived, its libraries cannot)
             continue
         if best is not None and best.setup.batch_size > setup.batch_size:

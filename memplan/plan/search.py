@@ -28,7 +28,6 @@ from memplan.errors import InvalidSetupError, UnknownGPUError
 from .budget import Budget, check_headroom
 from .estimate import Estimate, estimate_for
 from .setup import TrainSetup, resolve_setup, sequence_limit
-from .derived import NotTracedError
 from .regimes import leaner_regimes
 from .speed import step_time
 from .stack_notes import fit_notes
@@ -202,7 +201,11 @@ class _Searcher:
         each side of the window is searched on its own, the longer side first."""
         window = self.spec.sliding_window if resolved.attn == "sdpa" else None
         if window and 1 < window <= limit:
-            return self._longest(resolved, window, limit) or self._longest(resolved, 1, window - 1)
+            try:  # (a derived model's masked regime may be refused: the shorter side stands)
+                longer = self._longest(resolved, window, limit)
+            except InvalidSetupError:
+                longer = None
+            return longer or self._longest(resolved, 1, window - 1)
         return self._longest(resolved, 1, limit)
 
     def _longest(self, resolved: TrainSetup, lo: int, hi: int) -> int | None:
@@ -301,8 +304,6 @@ def fit_for(spec: ModelSpec, setup: TrainSetup, gpu: GPUSpec | None, *, budget: 
                         try:
                             resolved = resolve_setup(candidate, spec, gpu)
                             at_one = s.est(resolved)
-                        except NotTracedError:
-                            raise
                         except InvalidSetupError as exc:
                             # e.g. all-linear on Mixtral with LoRA dropout (peft refuses it), or a derived model's
                             # regime its libraries cannot run: other combinations may still run; when none can,

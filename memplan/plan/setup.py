@@ -188,9 +188,8 @@ def default_attention(spec: ModelSpec, versions: str | None = None) -> str:
 
 
 def _grouped_mm_experts(spec: ModelSpec) -> bool:
-    """Whether a derived spec's experts are fused 3-D parameters (transformers 5), which run through grouped_mm."""
-    return spec.derived and any(lin.num_experts > 1 and lin.peft_target == "parameter"
-                                for lin in spec.layer_linears + spec.top_linears)
+    """Whether a derived spec's fused 3-D experts run through torch grouped_mm (``ModelSpec.experts_grouped_mm``)."""
+    return spec.derived and spec.experts_grouped_mm
 
 
 def describe_setup(setup: TrainSetup) -> str:

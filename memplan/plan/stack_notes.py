@@ -37,8 +37,8 @@ def fit_notes(spec: ModelSpec, shown: Estimate, gpu: GPUSpec | None) -> tuple[st
     try:
         qlora = resolve_setup(replace(s, method="qlora", bits=4, dtype=None if s.dtype == "fp32" else s.dtype,
                                       upcast_non_quantized=None, grad_ckpt=None), spec, gpu)
-    except InvalidSetupError:
+        e = estimate_for(spec, qlora, gpu)
+    except InvalidSetupError:  # (a derived model's 4-bit regime may be one its libraries cannot run)
         return ()
-    e = estimate_for(spec, qlora, gpu)
     return tuple(f"at 4 bits (QLoRA, {format_gib(e.total_bytes, 2)} in all for this plan): {n}"
                  for n in e.notes if EXPERTS_NOTE_MARK in n)

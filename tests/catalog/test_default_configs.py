@@ -21,7 +21,7 @@ CATALOG = list_models(profiles_dir=PROFILES) if (PROFILES / "models").is_dir() e
 WITH_DEFAULT = [m for m in CATALOG if "transformers_default" in json.loads(m.path.read_text())]
 
 # Fields that name the model rather than describe it.
-_IDENTITY = {"name", "hf_id", "source", "config"}
+_IDENTITY = {"name", "hf_id", "source", "config", "derived_key"}
 
 
 def test_entries_that_say_so_exist():

@@ -134,6 +134,29 @@ def test_hybrid_stacks_are_traced_by_layer_kind():
 
 
 @EXTRAS
+@pytest.mark.parametrize("mt", ["ctrl", "xlm", "roberta"])
+def test_a_tied_head_bias_is_counted_once(mt):
+    """A tied LM head whose bias is shared (lm_head.decoder.bias is lm_head.bias) was counted twice: the sweep's 18
+    "derived spec counts ... parameters" refusals, each off by exactly the vocabulary size."""
+    spec = spec_from_config(_tiny(mt), name=mt)  # derive_spec checks the count against the meta model's
+    assert spec.derived and spec.total_params() > 0
+
+
+@EXTRAS
+def test_deriving_leaves_the_config_alone():
+    """transformers normalises nested values in place (gpt-oss's yarn rope_scaling): the caller's config, and so
+    its cache key and its shipped file's name, must not change."""
+    import copy
+
+    cfg = _tiny("gpt_oss", rope_scaling={"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                                         "original_max_position_embeddings": 4096, "truncate": False})
+    before = copy.deepcopy(cfg)
+    key = derive.config_key(cfg)
+    spec_from_config(cfg, name="gpt-oss-tiny")
+    assert cfg == before and derive.config_key(cfg) == key
+
+
+@EXTRAS
 def test_attention_the_model_class_lacks_is_refused():
     """gpt-oss has no SDPA path (its attention sinks): eager by default, and sdpa refused in one line."""
     from memplan.errors import InvalidSetupError

@@ -313,16 +313,32 @@ def test_gpu_run_records_are_listed_with_estimate_over_measured(rows, tmp_path):
     assert "No GPU run records" in (tmp_path / "none" / "capacity.md").read_text()
 
 
-def test_every_capacity_cell_is_what_fit_answers():
+# Derived catalog models (their terms traced, shipped in profiles/derived/specs) in the default suite: one dense,
+# one sliding-window hybrid, one MoE with eager attention; the others in the slow tier.
+_DERIVED_FAST = ("qwen3-8b", "gemma-3-27b-pt", "gpt-oss-20b")
+
+
+def _grid_models(slow: bool) -> list[str]:
+    from memplan.catalog.models import list_models, load_model
+
+    out = []
+    for m in list_models():
+        derived = load_model(m.id).derived
+        if (derived and m.id not in _DERIVED_FAST) == slow:
+            out.append(m.id)
+    return out
+
+
+@pytest.mark.parametrize("slow", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["default", "derived"])
+def test_every_capacity_cell_is_what_fit_answers(slow):
     """The whole default grid, every catalog model x the default cards x 512 / 2048 / 8192 tokens: each cell
     equals `memplan fit MODEL --gpu CARD --seq-len N` -- the same plan, or the same refusal. One rule for the
     sequence limit, one budget and one search serve both (the report used to mark rotary models n/a past
     max_position_embeddings while fit planned them)."""
-    from memplan.catalog.models import list_models
     from memplan.errors import InvalidSetupError
     from memplan.reports.capacity import DEFAULT_GPUS
 
-    models = [m.id for m in list_models()]
+    models = _grid_models(slow)
     rows = capacity_rows(models, list(DEFAULT_GPUS), [512, 2048, 8192])
     assert len(rows) == len(models) * len(DEFAULT_GPUS) * 3
     for r in rows:

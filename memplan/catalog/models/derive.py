@@ -35,7 +35,8 @@ from memplan.fileio import write_atomic
 from .spec import LinearSpec, ModelSpec, ParamSpec
 
 __all__ = ["derive_spec", "cache_dir", "cache_key", "cache_path", "config_key", "shipped_dir", "read_shipped",
-           "read_entry", "update_entry", "transformers_version", "spec_to_dict", "spec_from_dict", "FORMAT"]
+           "read_entry", "update_entry", "transformers_version", "spec_to_dict", "spec_from_dict", "FORMAT",
+           "derive_from_transformers", "forget_shipped"]
 
 FORMAT = 2  # bump when the cached layout changes: older entries are then derived again
 _NOT_ARCHITECTURE = ("quantization_config", "auto_map", "_name_or_path", "transformers_version", "architectures")
@@ -194,6 +195,16 @@ def derive_spec(config: dict, *, name: str, hf_id: str | None = None, source: st
     fields_.pop("model_type", None)
     return ModelSpec(name=name, model_type=mt, hf_id=hf_id, source=source, config=dict(config), derived_key=key,
                      **fields_)
+
+
+def derive_from_transformers(config: dict, where: str) -> dict:
+    """The ModelSpec fields of ``config`` derived afresh from the installed transformers (no cache, nothing shipped)."""
+    return _derive(config, where, config.get("model_type"), transformers_version())
+
+
+def forget_shipped() -> None:
+    """Drop the shipped entries registered by ``derive_spec`` (so that regimes are traced, not read from them)."""
+    _SHIPPED.clear()
 
 
 def _derive(config: dict, where: str, mt: str, version: str) -> dict:

@@ -145,6 +145,9 @@ class ModelSpec(LoraTargets):
     # gpt-oss has no SDPA path, for its attention sinks); empty for hand-written families, whose rules live in
     # memplan.plan.attention.
     attention_implementations: tuple[str, ...] = ()
+    # A derived model whose fused 3-D experts run through transformers' experts interface, torch grouped_mm by
+    # default (``use_experts_implementation``: Qwen3-MoE, Qwen3.5-MoE, gpt-oss; not Llama-4's bmm experts)
+    experts_grouped_mm: bool = False
 
     def __hash__(self) -> int:
         cached = self.__dict__.get("_hash")
