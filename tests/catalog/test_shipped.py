@@ -104,8 +104,8 @@ def test_shipped_regimes_cover_fit_on_the_report_cards(entry, tmp_path, monkeypa
     derived.clear_memo()
     spec = load_model(entry.id, profiles_dir=PROFILES)
     window = spec.sliding_window
-    cards = CARDS if entry.id in ("qwen3-8b", "gemma-3-27b-pt") else ("rtx-4090",)  # all of them: slow tier
-    for card in cards:
+    # one card here; every card for three of them in tests/reports/test_capacity.py (all: MEMPLAN_DERIVED_ALL=1)
+    for card in ("rtx-4090",) if "rtx-4090" in CARDS else CARDS[:1]:
         for seq in SEQ_LENS:
             if seq == SEQ_LENS[0] or (window and seq >= window):
                 res = fit_for(spec, TrainSetup(model=entry.id, seq_len=seq), load_gpu(card),
@@ -128,8 +128,14 @@ def test_fit_on_a_shipped_model_needs_no_torch(tmp_path):
     assert not (tmp_path / "empty-cache").exists()  # nothing traced, nothing cached
 
 
+# Rederiving every shipped model builds 100B-parameter MoE models on the meta device (about a minute in all):
+# opt-in, as the model-type sweep is; the suite rederives the smallest.
+ALL_DERIVED = pytest.mark.skipif(not os.environ.get("MEMPLAN_DERIVED_ALL"), reason="every derived catalog model: "
+                                 "MEMPLAN_DERIVED_ALL=1 runs them (about 2 minutes on 2 cores)")
+
+
 @EXTRAS
-@pytest.mark.parametrize("entry", [m if m.id == "qwen3-0.6b" else pytest.param(m, marks=pytest.mark.slow)
+@pytest.mark.parametrize("entry", [m if m.id == "qwen3-0.6b" else pytest.param(m, marks=(pytest.mark.slow, ALL_DERIVED))
                                    for m in DERIVED], ids=[m.id for m in DERIVED])
 def test_shipped_spec_equals_a_fresh_derivation(entry):
     config = _config(entry)
