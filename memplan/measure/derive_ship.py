@@ -52,7 +52,6 @@ def ship(model_id: str, *, out_dir: Path | None = None, cards=CARDS, fresh=False
     from memplan.catalog import paths
     from memplan.catalog.gpus import load_gpu
     from memplan.catalog.models import derive, list_models
-    from memplan.catalog.models.spec import ModelSpec
     from memplan.plan import derived
     from memplan.plan.search import fit_for
     from memplan.plan.setup import TrainSetup, resolve_setup
@@ -80,10 +79,8 @@ def ship(model_id: str, *, out_dir: Path | None = None, cards=CARDS, fresh=False
             old = None if fresh else derive.read_shipped(config)
             kept = old["regimes"] if old is not None and old["spec"] == stored else {}
             derive.update_entry(key, lambda e: {**e, "spec": stored, "regimes": dict(kept)})
-            fields_ = {k: v for k, v in fields_.items() if not k.startswith("_")}
-            fields_.pop("model_type", None)
-            spec = ModelSpec(name=entry.id, model_type=config["model_type"], hf_id=entry.hf_id, source=entry.source,
-                             config=dict(config), derived_key=key, **fields_)
+            spec = derive.derived_model_spec(fields_, config, key, name=entry.id, hf_id=entry.hf_id,
+                                             source=entry.source)
             estimate_for(spec, resolve_setup(TrainSetup(model=entry.id), spec))  # memplan estimate's default
             window = spec.sliding_window
             seqs = [s for s in SEQ_LENS if s == SEQ_LENS[0] or (window and s >= window)]

@@ -17,12 +17,13 @@ from pathlib import Path
 import pytest
 
 from memplan.catalog import paths
-from memplan.catalog.models import SUPPORTED_MODEL_TYPES, derive, list_models
+from memplan.catalog.models import derive, list_models
+from memplan.measure.derive_ship import derived_catalog_ids
 
 ROOT = Path(__file__).resolve().parents[2]
 PROFILES = ROOT / "profiles"
 CATALOG = list_models(profiles_dir=PROFILES) if (PROFILES / "models").is_dir() else []
-DERIVED = [m for m in CATALOG if paths.read_json(m.path)["config"]["model_type"] not in SUPPORTED_MODEL_TYPES]
+DERIVED = [m for m in CATALOG if m.id in set(derived_catalog_ids(PROFILES))] if CATALOG else []
 EXTRAS = pytest.mark.extras("torch", "transformers", "peft")
 
 

@@ -36,7 +36,7 @@ from .spec import LinearSpec, ModelSpec, ParamSpec
 
 __all__ = ["derive_spec", "cache_dir", "cache_key", "cache_path", "config_key", "shipped_dir", "read_shipped",
            "read_entry", "update_entry", "transformers_version", "spec_to_dict", "spec_from_dict", "FORMAT",
-           "derive_from_transformers", "forget_shipped"]
+           "derive_from_transformers", "derived_model_spec", "forget_shipped"]
 
 FORMAT = 2  # bump when the cached layout changes: older entries are then derived again
 _NOT_ARCHITECTURE = ("quantization_config", "auto_map", "_name_or_path", "transformers_version", "architectures")
@@ -175,10 +175,8 @@ def derive_spec(config: dict, *, name: str, hf_id: str | None = None, source: st
     if shipped is not None:  # derived once by memplan and shipped: no torch, no transformers
         key = cache_key(config, str(shipped.get("transformers")))
         _SHIPPED[key] = shipped
-        fields_ = {k: v for k, v in spec_from_dict(shipped["spec"]).items() if not k.startswith("_")}
-        fields_.pop("model_type", None)
-        return ModelSpec(name=name, model_type=mt, hf_id=hf_id, source=source, config=dict(config), derived_key=key,
-                         **fields_)
+        return derived_model_spec(spec_from_dict(shipped["spec"]), config, key, name=name, hf_id=hf_id,
+                                  source=source)
     version = transformers_version()
     if version is None:
         raise ConfigError(f"{where}: unsupported model_type {mt!r}: no hand-written family in memplan, and deriving "
@@ -191,10 +189,16 @@ def derive_spec(config: dict, *, name: str, hf_id: str | None = None, source: st
         fields_ = _derive(config, where, mt, version)
         stored = spec_to_dict(fields_)
         update_entry(key, lambda e: {**e, "spec": stored, "model_type": mt, "transformers": version})
-    fields_ = {k: v for k, v in fields_.items() if not k.startswith("_")}
-    fields_.pop("model_type", None)
-    return ModelSpec(name=name, model_type=mt, hf_id=hf_id, source=source, config=dict(config), derived_key=key,
-                     **fields_)
+    return derived_model_spec(fields_, config, key, name=name, hf_id=hf_id, source=source)
+
+
+def derived_model_spec(fields_: dict, config: dict, key: str, *, name: str, hf_id: str | None = None,
+                       source: str | None = None) -> ModelSpec:
+    """The ModelSpec of derived ``fields_`` (as ``derive_from_transformers`` or a cache entry gives them) for
+    ``config``, its entries cached under ``key``."""
+    kept = {k: v for k, v in fields_.items() if not k.startswith("_") and k != "model_type"}
+    return ModelSpec(name=name, model_type=config.get("model_type"), hf_id=hf_id, source=source, config=dict(config),
+                     derived_key=key, **kept)
 
 
 def derive_from_transformers(config: dict, where: str) -> dict:
