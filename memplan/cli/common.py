@@ -7,7 +7,7 @@ import argparse
 import json
 import sys
 
-from memplan.plan.setup import KNOBS
+from memplan.plan.knobs import KNOBS
 
 __all__ = ["Parser", "HEAVY_PACKAGES", "add_knobs", "add_config_args", "setup_from_args", "setup_with_configs",
            "print_config", "console", "print_json"]

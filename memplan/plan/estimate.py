@@ -165,7 +165,9 @@ def _fixed(spec: ModelSpec, setup: TrainSetup) -> _Fixed:
     bisecting the batch and the longest sequence re-estimates the same setup dozens of times)."""
     key = (spec, setup.method, setup.bits, setup.quant_type, setup.double_quant, setup.dtype, setup.rank,
            setup.targets, setup.lora_dropout, setup.adapter_dtype, setup.optimizer, setup.attn,
-           setup.upcast_non_quantized, setup.autocast, act.sdpa_mask_materialised(spec, setup), setup.versions)
+           setup.upcast_non_quantized, setup.autocast, act.sdpa_mask_materialised(spec, setup), setup.versions,
+           setup.adapter, setup.modules_to_save, setup.trainable_tokens, setup.loss, setup.packing,
+           setup.activation_offload)
     hit = _FIXED.get(key)
     if hit is None:
         if len(_FIXED) >= _FIXED_MAX:

@@ -21,6 +21,7 @@ from memplan.errors import InvalidSetupError
 
 from .attention import sdpa_supported
 from .dtypes import DTYPES
+from .features import resolve_features
 from .optimizers import resolve_optimizer
 from .stack_effects import default_adapter_dtype, layout_for
 from .versions import resolve_versions, stack_of
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
     from memplan.catalog.gpus import GPUSpec
     from memplan.catalog.models import ModelSpec
 
-__all__ = ["TrainSetup", "Knob", "KNOBS", "resolve_setup", "sequence_limit", "default_attention",
+__all__ = ["TrainSetup", "resolve_setup", "sequence_limit", "default_attention",
            "describe_setup", "METHODS", "BITS", "QUANT_TYPES", "ADAPTER_DTYPES", "ATTN_IMPLEMENTATIONS",
            "AUTOCASTS", "DEFAULT_SEQ_LEN"]
 
@@ -81,6 +82,18 @@ class TrainSetup:
     # The library stack planned for, "transformers=4.48.3,peft=0.14.0" (any subset; memplan.plan.versions);
     # resolved to all four packages: the given ones, the rest installed (else the newest memplan models).
     versions: str | None = None
+    # What else a script switches on (docs/memory-model.md, "Adapter variants and savers"); the values and rules of
+    # each live in the module named, resolve_features (memplan.plan.features) checks them.
+    adapter: str = "lora"  # lora, dora, lora-fa, ia3, vera (memplan.plan.adapters)
+    rslora: bool = False  # peft use_rslora: another scale, no memory
+    loraplus_lr_ratio: float | None = None  # LoRA+ (peft create_loraplus_optimizer): another lr for B, no memory
+    modules_to_save: str | None = None  # peft modules_to_save: comma-separated names trained in full copies
+    trainable_tokens: int = 0  # peft trainable_token_indices: how many embedding rows train
+    init: str = "default"  # LoRA initialisation: default, loftq, pissa, olora (memplan.plan.init_phase)
+    loss: str | None = None  # default, liger, chunked (memplan.plan.loss); None: default, fit may pick a saver
+    packing: str = "off"  # off, packed, padding-free (memplan.plan.seq_shapes)
+    seq_len_file: str | None = None  # the dataset's sequence lengths (memplan.plan.seq_shapes)
+    activation_offload: str | None = None  # off, pinned, pageable (memplan.plan.offload); None: off, fit may pick
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -94,79 +107,17 @@ class TrainSetup:
         if isinstance(self.targets, (list, tuple, set, frozenset)):
             names = sorted(self.targets) if isinstance(self.targets, (set, frozenset)) else self.targets
             object.__setattr__(self, "targets", ",".join(str(t).strip() for t in names))
+        if isinstance(self.modules_to_save, (list, tuple, set, frozenset)):
+            names = sorted(self.modules_to_save) if isinstance(self.modules_to_save, (set, frozenset)) \
+                else self.modules_to_save
+            object.__setattr__(self, "modules_to_save", ",".join(str(t).strip() for t in names) or None)
 
     @property
     def trains_lora(self) -> bool:
         return self.method in ("lora", "qlora")
 
 
-@dataclass(frozen=True)
-class Knob:
-    """One ``TrainSetup`` field as a command-line flag: its values and its help. The default shown is the
-    field's own default, or ``default_text`` for fields whose ``None`` is filled by ``resolve_setup``."""
-
-    field: str
-    flag: str
-    help: str
-    kind: type = str  # str, int, float or bool (a --flag / --no-flag pair)
-    choices: tuple | None = None
-    default_text: str | None = None
-    searched: bool = False  # memplan fit searches it unless it is given
-
-    @property
-    def default(self):
-        return _FIELD_DEFAULTS[self.field]
-
-    def help_text(self, *, show_default: bool = True) -> str:
-        if not show_default:
-            return self.help
-        shown = self.default_text if self.default_text is not None else self.default
-        if isinstance(shown, bool):
-            shown = "on" if shown else "off"
-        return f"{self.help} (default {shown})"
-
-
 _FIELD_DEFAULTS = {f.name: f.default for f in fields(TrainSetup)}
-
-KNOBS: tuple[Knob, ...] = (
-    Knob("method", "--method", "lora, qlora (= 4-bit base weights) or full (every weight trains)",
-         choices=METHODS, searched=True),
-    Knob("bits", "--bits", "storage of the frozen base weights: 16/32 float, 8 LLM.int8, 4 NF4/FP4", int,
-         BITS, "16 for lora, 4 for qlora", searched=True),
-    Knob("quant_type", "--quant", "4-bit data type", choices=QUANT_TYPES),
-    Knob("double_quant", "--double-quant", "quantize the 4-bit quantization constants", bool),
-    Knob("dtype", "--dtype", "compute dtype", choices=DTYPES,
-         default_text="bf16 where the card supports it, else fp16; fp32 at 32 bits"),
-    Knob("rank", "--rank", "LoRA rank r", int, searched=True),
-    Knob("alpha", "--alpha", "LoRA alpha (no effect on memory)", int, default_text="2r"),
-    Knob("targets", "--targets", "LoRA target modules: q_proj,v_proj | all-linear | a regex",
-         default_text="peft's default for the architecture", searched=True),
-    Knob("lora_dropout", "--lora-dropout", "LoRA dropout", float),
-    Knob("adapter_dtype", "--adapter-dtype", "dtype of the LoRA weights", choices=ADAPTER_DTYPES,
-         default_text="fp32 (peft >= 0.12; older peft: the base weights' dtype at 16 bits)"),
-    Knob("optimizer", "--optimizer", "HF TrainingArguments.optim name: adamw_torch, adamw_bnb_8bit, "
-         "paged_adamw_8bit, paged_adamw_32bit, sgd, sgd_momentum, rmsprop, adafactor, ...", searched=True),
-    Knob("batch_size", "--batch-size", "micro-batch size per step", int, searched=True),
-    Knob("seq_len", "--seq-len", "tokens per sequence", int),
-    Knob("grad_ckpt", "--grad-ckpt", "gradient checkpointing", bool, searched=True,
-         default_text="off; on at 4/8 bits, as prepare_model_for_kbit_training turns it on"),
-    Knob("attn", "--attn", "attention implementation", choices=ATTN_IMPLEMENTATIONS,
-         default_text="auto: sdpa where transformers supports it, else eager"),
-    Knob("upcast_non_quantized", "--upcast", "prepare_model_for_kbit_training's fp32 upcast of the "
-         "non-quantized weights", bool, default_text="on at 4/8 bits"),
-    Knob("autocast", "--autocast", "torch.autocast around forward and loss, as TrainingArguments(bf16=True) / "
-         "fp16=True and accelerate's mixed_precision run it", choices=AUTOCASTS,
-         default_text="the compute dtype, as a Trainer script with bf16=True (fp16=True on cards without bf16); "
-                      "for fp32 weights the card's half dtype (the Trainer's AMP)"),
-    Knob("allow_long_context", "--allow-long-context", "plan sequences longer than the model's trained context "
-         "(max_position_embeddings), as a RoPE-scaled fine-tune does; learned position tables stay a hard limit",
-         bool),
-    Knob("grad_accum", "--grad-accum", "micro-batches accumulated per optimizer step (gradient_accumulation_steps): "
-         "from the second on, forward and backward run with the gradients of the earlier ones held", int),
-    Knob("versions", "--versions", "library versions to plan for, e.g. transformers=4.48.3,peft=0.14.0,"
-         "bitsandbytes=0.45.2,torch=2.5.1 (any subset); memplan.plan.versions.RULES says what each changes",
-         default_text="the installed versions; the newest memplan models for packages not installed"),
-)
 
 
 def sequence_limit(spec: ModelSpec, *, allow_long_context: bool = False) -> int | None:
@@ -237,7 +188,9 @@ _FIELD_TYPES = {"model": str, "method": str, "bits": int, "quant_type": str, "do
                 "rank": int, "alpha": (int, float), "targets": str, "lora_dropout": (int, float),
                 "adapter_dtype": str, "optimizer": str, "batch_size": int, "seq_len": int, "grad_ckpt": bool,
                 "attn": str, "upcast_non_quantized": bool, "autocast": str, "grad_accum": int,
-                "allow_long_context": bool, "gpu": str, "versions": str}
+                "allow_long_context": bool, "gpu": str, "versions": str, "adapter": str, "rslora": bool,
+                "loraplus_lr_ratio": (int, float), "modules_to_save": str, "trainable_tokens": int, "init": str,
+                "loss": str, "packing": str, "seq_len_file": str, "activation_offload": str}
 _TYPE_NAMES = {str: "a string", int: "an integer", bool: "true or false", (int, float): "a number"}
 
 
@@ -378,8 +331,10 @@ def resolve_setup(setup: TrainSetup, spec: ModelSpec, gpu: GPUSpec | None = None
         alpha = alpha if alpha is not None else 2 * setup.rank
         _check_rank(spec, targets, setup.rank)
 
+    features = resolve_features(setup, spec, method=method, bits=bits, attn=attn, targets=targets)
     return replace(
         setup,
+        **features,
         model=spec.name,
         method=method,
         bits=bits,

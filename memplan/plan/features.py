@@ -1,0 +1,28 @@
+"""One place that checks and fills the feature knobs of a setup: adapter variants, initialisation, loss, sequence
+shapes and activation offloading. Each feature's values and rules live in its own module; this one calls them in
+order and returns the fields ``resolve_setup`` replaces."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from . import adapters, init_phase, loss, offload, seq_shapes
+
+if TYPE_CHECKING:
+    from memplan.catalog.models import ModelSpec
+
+    from .setup import TrainSetup
+
+__all__ = ["resolve_features"]
+
+
+def resolve_features(setup: TrainSetup, spec: ModelSpec, *, method: str, bits: int, attn: str,
+                     targets: str | None) -> dict:
+    """The resolved feature fields of ``setup`` (its other fields as ``resolve_setup`` resolved them so far)."""
+    changes: dict = {}
+    changes |= adapters.resolve_adapter(setup, spec, method=method, bits=bits, targets=targets)
+    changes |= init_phase.resolve_init(setup, spec, method=method, bits=bits)
+    changes |= loss.resolve_loss(setup, spec, method=method)
+    changes |= seq_shapes.resolve_shape(setup, spec, attn=attn)
+    changes |= offload.resolve_offload(setup, spec)
+    return changes
