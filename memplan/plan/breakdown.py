@@ -68,6 +68,10 @@ class Estimate:
     params: ParamCounts
     paged_bytes: int  # part of optimizer_state in CUDA managed memory (bnb paged optimizers)
     notes: tuple[str, ...] = ()
+    # host memory the step needs beyond the card's, by cause (activation offloading: "activation_offload")
+    host_bytes: dict[str, int] = field(default_factory=dict)
+    # the LoRA initialisation's own peak (--init loftq/pissa/olora), beside training's: memplan.plan.init_phase
+    init_phase: object | None = None
 
     @property
     def dominant(self) -> str:
@@ -91,4 +95,6 @@ class Estimate:
             "dominant": self.dominant,
             "setup": self.setup.to_dict(),
             "notes": list(self.notes),
+            "host_bytes": dict(self.host_bytes),
+            "init_phase": self.init_phase.to_dict() if self.init_phase is not None else None,
         }

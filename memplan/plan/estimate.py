@@ -29,9 +29,12 @@ from . import activations as act
 from .breakdown import COMPONENTS, PHASES, Estimate, ParamCounts
 from .derived import derived_dynamic
 from .dtypes import DTYPE_BYTES
+from .loss import loss_bytes
+from .offload import offload_phases
 from .optimizers import resolve_optimizer
 from .precision import autocast_weight_copies
 from .runtime import ALLOCATOR_OVERHEAD_FRACTION, CUBLAS_WORKSPACE_BYTES, cuda_context_bytes
+from .seq_shapes import step_setup
 from .setup import TrainSetup, resolve_setup
 from .stack_effects import (experts_note, int8_input_copies_per_token, layout_for, matmul4bit_inputs_per_token,
                             optimizer_loops_per_tensor,
@@ -68,11 +71,13 @@ def estimate_for(spec: ModelSpec, setup: TrainSetup, gpu: GPUSpec | None = None,
     spec = layout_for(spec, setup.versions)  # the modules the setup's transformers builds (memplan.plan.versions)
     f = _fixed(spec, setup)
     base = dict(f.base, cuda_context=cuda_context_bytes(gpu) if include_runtime else 0)
-    tokens = setup.batch_size * setup.seq_len
-    layer_bytes = f.layer_per_token * tokens + f.layer_per_token_seq * tokens * setup.seq_len + f.layer_weight_copies
-    extras = f.extras_per_token * tokens + act.model_mask_bytes(spec, setup) + f.top_weight_copies
+    # the rows and row length of the step's largest batch (packing, padding-free, a dataset's lengths)
+    step = step_setup(spec, setup)
+    tokens = step.batch_size * step.seq_len
+    layer_bytes = f.layer_per_token * tokens + f.layer_per_token_seq * tokens * step.seq_len + f.layer_weight_copies
+    extras = f.extras_per_token * tokens + act.model_mask_bytes(spec, step) + f.top_weight_copies
     ckpt_input_bytes = f.ckpt_per_token * tokens
-    bwd_transient = f.bwd_per_token * tokens + f.bwd_per_token_seq * tokens * setup.seq_len + f.dequant
+    bwd_transient = f.bwd_per_token * tokens + f.bwd_per_token_seq * tokens * step.seq_len + f.dequant
     if setup.grad_ckpt:
         saved_all = spec.num_layers * ckpt_input_bytes + extras
         # + the layer being recomputed, less its input where the recomputed layer saves that very tensor
@@ -98,18 +103,25 @@ def estimate_for(spec: ModelSpec, setup: TrainSetup, gpu: GPUSpec | None = None,
         grads_fwd, grads_bwd, new_grad = f.grad_bytes, f.grad_bytes, f.head_grad
     else:
         grads_fwd, grads_bwd, new_grad = 0, f.head_grad, 0
+    # the loss over the logits (--loss: memplan.plan.loss), at forward end and at the start of backward
+    logits_fwd, logits_bwd = loss_bytes(spec, step, (f.logits_fwd_per_token + shift) * tokens,
+                                        f.logits_bwd_per_token * tokens)
     phase_dynamic = {
-        "forward_end": (saved_all, (f.logits_fwd_per_token + shift) * tokens, grads_fwd, ws),
-        "backward_start": (saved_all, f.logits_bwd_per_token * tokens, grads_bwd, ws),
+        "forward_end": (saved_all, logits_fwd, grads_fwd, ws),
+        "backward_start": (saved_all, logits_bwd, grads_bwd, ws),
         "backward": (saved_in_backward, 0, grads_bwd, bwd_transient + new_grad + ws),
         "backward_end": (end_activations, 0, f.grad_bytes, end_transient + ws),
         "optimizer_step": (0, 0, f.grad_bytes, f.opt_temp_bytes + ws),
     }
     notes = f.notes
     if spec.derived:  # no hand-written formula: the terms traced for this regime (memplan.plan.derived)
-        phase_dynamic, derived_note = derived_dynamic(spec, setup, phase_dynamic, ws=ws, grad_bytes=f.grad_bytes,
+        phase_dynamic, derived_note = derived_dynamic(spec, step, phase_dynamic, ws=ws, grad_bytes=f.grad_bytes,
                                                       new_grad=f.head_grad, held=gradients_held(setup))
         notes += (derived_note,)
+    # activations kept in host memory (--activation-offload: memplan.plan.offload)
+    phase_dynamic, host_bytes, offload_notes = offload_phases(
+        spec, step, phase_dynamic, layer_bytes=layer_bytes, extras=extras, ckpt_input_bytes=ckpt_input_bytes)
+    notes += offload_notes
     phases: dict[str, dict[str, int]] = {}
     for name, (activations, logits, gradients, transients) in phase_dynamic.items():
         dynamic = activations + logits + gradients + transients
@@ -123,7 +135,8 @@ def estimate_for(spec: ModelSpec, setup: TrainSetup, gpu: GPUSpec | None = None,
     if setup.attn == "eager" and setup.seq_len >= 1024:
         notes += ("eager attention keeps batch x heads x seq^2 score matrices per layer; sdpa does not",)
     return Estimate(setup=setup, total_bytes=totals[peak_phase], components=phases[peak_phase],
-                    peak_phase=peak_phase, phases=phases, params=f.params, paged_bytes=f.paged_bytes, notes=notes)
+                    peak_phase=peak_phase, phases=phases, params=f.params, paged_bytes=f.paged_bytes, notes=notes,
+                    host_bytes=host_bytes)
 
 
 @dataclass(frozen=True)

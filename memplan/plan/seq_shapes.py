@@ -13,3 +13,8 @@ def resolve_shape(setup, spec, *, attn: str) -> dict:
     if setup.packing not in PACKINGS:
         raise InvalidSetupError(f"invalid packing {setup.packing!r}; allowed: {', '.join(PACKINGS)}")
     return {}
+
+
+def step_setup(spec, setup):
+    """``setup`` at the rows and row length of the largest batch a step sees (what the arithmetic uses)."""
+    return setup
