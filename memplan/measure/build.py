@@ -22,6 +22,7 @@ Versions this reproduces: transformers 5.23, peft 0.21, bitsandbytes 0.50. Why i
 from __future__ import annotations
 
 import importlib.util
+from contextlib import contextmanager
 import warnings
 from dataclasses import dataclass, field
 
@@ -112,18 +113,19 @@ def _build(spec, setup, *, device: str, fake: bool, attn_implementation: str | N
                 replace_with_bnb(model, spec, setup, info)
             model = _prepare(model, spec, setup)
         stash = stash_quantized_weights(model) if setup.bits in (4, 8) else {}
+        shared = _shared_parameters(model)
         if fake:
             info.fake_mode = detect_fake_mode() or FakeTensorMode(allow_non_fake_inputs=True)
             with info.fake_mode:
                 model.to_empty(device="cpu")
-                _retie(model)
+                _retie(model, shared)
                 if setup.bits in (4, 8):
                     materialize_quantized(model, stash, setup, info, fake=True, device="cpu")
         else:
             torch.manual_seed(seed)
             model.to_empty(device=device)
             _init_real(model)
-            _retie(model)
+            _retie(model, shared)
             if setup.bits in (4, 8):
                 materialize_quantized(model, stash, setup, info, fake=False, device=device)
     _name_the_loss(model, spec)
@@ -176,28 +178,93 @@ def _prepare(model, spec, setup):
         for p in model.parameters():
             p.requires_grad_(True)
         return model
-    cfg = peft.LoraConfig(
-        r=setup.rank, lora_alpha=setup.alpha, target_modules=lora_target_arg(spec, setup.targets),
-        lora_dropout=setup.lora_dropout, bias="none", task_type="CAUSAL_LM" if spec.is_causal_lm else None,
-    )
+    cfg = adapter_config(spec, setup)
     import inspect
 
     # peft >= 0.12 keeps adapters in fp32 with autocast_adapter_dtype=True; older peft has no such argument and
     # gives them the base layer's float dtype (memplan.plan.versions, rule "adapters-in-base-dtype")
     kw = ({"autocast_adapter_dtype": setup.adapter_dtype == "fp32"}
           if "autocast_adapter_dtype" in inspect.signature(peft.get_peft_model).parameters else {})
-    model = peft.get_peft_model(model, cfg, **kw)
+    with _dora_on_meta(setup):
+        model = peft.get_peft_model(model, cfg, **kw)
     dt = torch_dtype(setup.adapter_dtype)
-    for p in model.parameters():
-        if p.requires_grad and p.dtype != dt:
+    for name, p in model.named_parameters():
+        if p.requires_grad and p.dtype != dt and _is_adapter_parameter(name):
             p.data = p.data.to(dt)
+        if setup.adapter == "lora-fa" and "lora_A" in name:
+            p.requires_grad_(False)  # what peft.optimizers.create_lorafa_optimizer does to every lora_A
     return model
 
 
-def _retie(model) -> None:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if getattr(base.config, "tie_word_embeddings", False):
-        base.tie_weights()
+@contextmanager
+def _dora_on_meta(setup):
+    """DoRA's magnitude is the weight norm of W + BA, computed as the adapter is made (peft/tuners/lora/dora.py
+    ``DoraLinearLayer.update_layer``); a 4/8-bit layer built on meta has no quantized values to dequantize yet
+    (memplan.measure.quantize quantizes after the build), so the magnitude is made with its shape and dtype only --
+    the norm's own dtype, fp32 from the fp32 adapter -- values do not change memory."""
+    if setup.adapter != "dora" or setup.bits not in (4, 8):
+        yield
+        return
+    from peft.tuners.lora.dora import DoraLinearLayer
+
+    def update_layer(self, *, base_layer, lora_A, lora_B, scaling, place_on_cpu=False):
+        rows = base_layer.out_features
+        self.weight = torch.nn.Parameter(torch.empty(rows, device=lora_A.device, dtype=torch.float32))
+
+    original = DoraLinearLayer.update_layer
+    DoraLinearLayer.update_layer = update_layer
+    try:
+        yield
+    finally:
+        DoraLinearLayer.update_layer = original
+
+
+def _is_adapter_parameter(name: str) -> bool:
+    """The adapter's own tensors, which take the adapter dtype; a trainable copy (modules_to_save) or the trainable
+    token rows keep their module's dtype, as peft creates them (a deep copy; ``values.clone()``)."""
+    return not ("modules_to_save" in name or "trainable_tokens_delta" in name)
+
+
+def adapter_config(spec, setup):
+    """The peft config a script passes to ``get_peft_model`` for ``setup``'s adapter (memplan.plan.adapters)."""
+    import peft
+
+    from memplan.plan.adapters import ia3_targets
+
+    task = "CAUSAL_LM" if spec.is_causal_lm else None
+    extra = {}
+    if setup.modules_to_save:
+        extra["modules_to_save"] = [m.strip() for m in setup.modules_to_save.split(",")]
+    if setup.adapter == "ia3":
+        targets, feedforward = ia3_targets(spec, setup.targets)
+        return peft.IA3Config(target_modules=list(targets), feedforward_modules=list(feedforward), task_type=task,
+                              **extra)
+    if setup.trainable_tokens:
+        extra["trainable_token_indices"] = list(range(setup.trainable_tokens))  # which rows does not matter
+    return peft.LoraConfig(
+        r=setup.rank, lora_alpha=setup.alpha, target_modules=lora_target_arg(spec, setup.targets),
+        lora_dropout=setup.lora_dropout, bias="none", task_type=task, use_dora=setup.adapter == "dora",
+        use_rslora=setup.rslora, **extra,
+    )
+
+
+def _shared_parameters(model) -> list[list[tuple]]:
+    """(module, name) slots that hold one and the same parameter (a tied lm_head and embedding), found on meta
+    before ``to_empty`` gives every slot its own storage."""
+    slots: dict[int, list[tuple]] = {}
+    for module in model.modules():
+        for name, p in module._parameters.items():
+            if p is not None:
+                slots.setdefault(id(p), []).append((module, name))
+    return [group for group in slots.values() if len(group) > 1]
+
+
+def _retie(model, shared: list[list[tuple]]) -> None:
+    """Point every tied slot at the first one's parameter again. ``tie_weights()`` cannot: peft's wrappers of a
+    tied lm_head (``ModulesToSaveWrapper``, ``TrainableTokensWrapper``) hide the module it expects."""
+    for (first, first_name), *rest in shared:
+        for module, name in rest:
+            module._parameters[name] = first._parameters[first_name]
 
 
 @torch.no_grad()

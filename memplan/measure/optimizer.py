@@ -11,7 +11,7 @@ from memplan.plan.optimizers import resolve_optimizer
 __all__ = ["make_optimizer"]
 
 
-def make_optimizer(setup, params, *, foreach: bool | None = None, fake: bool = False, lr: float = 5e-5):
+def make_optimizer(setup, params, *, foreach: bool | None = None, fake: bool = False, lr: float = 5e-5, model=None):
     """The optimizer a HF ``Trainer`` builds for ``setup.optimizer`` (transformers/trainer_optimizer.py).
 
     ``foreach=None`` is torch's default: the foreach (multi-tensor) implementation on CUDA, the per-tensor
@@ -21,6 +21,12 @@ def make_optimizer(setup, params, *, foreach: bool | None = None, fake: bool = F
     """
     name = resolve_optimizer(setup.optimizer).name
     params = list(params)
+    if getattr(setup, "adapter", "lora") == "lora-fa" and model is not None:
+        # LoRA-FA trains with peft's own AdamW variant over the model's named parameters (it freezes every lora_A
+        # and projects B's gradient): peft/optimizers/lorafa.py create_lorafa_optimizer
+        from peft.optimizers import create_lorafa_optimizer
+
+        return create_lorafa_optimizer(model, r=setup.rank, lora_alpha=setup.alpha, lr=lr)
     tkw = {} if foreach is None else {"foreach": foreach}
     if name in ("adamw_torch", "adam_torch", "adamw_torch_fused"):
         cls = torch.optim.AdamW if name != "adam_torch" else torch.optim.Adam

@@ -19,6 +19,7 @@ modules whose type is exactly ``nn.Linear`` or ``Conv1D``, minus the output embe
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -29,7 +30,7 @@ from memplan.plan.weights import DQ_BLOCK, DQ_CODE_VALUES, NF4_BLOCK, NF4_CODE_V
 from .dtypes import torch_dtype
 
 __all__ = ["LLM_INT8_THRESHOLD", "replace_with_bnb", "bnb_modules", "stash_quantized_weights",
-           "materialize_quantized", "quant_state_tensors"]
+           "materialize_quantized", "quant_state_tensors", "fake_dequantize_for_peft"]
 
 LLM_INT8_THRESHOLD = 6.0  # transformers BitsAndBytesConfig.llm_int8_threshold default
 
@@ -167,3 +168,31 @@ def quant_state_tensors(qs) -> list[torch.Tensor]:
         out += [t for t in (qs.absmax, qs.code, getattr(qs, "offset", None)) if isinstance(t, torch.Tensor)]
         qs = getattr(qs, "state2", None)
     return out
+
+
+@contextmanager
+def fake_dequantize_for_peft():
+    """peft's ``dequantize_module_weight`` (DoRA's weight norm, PiSSA/OLoRA/LoftQ on a quantized base) recognises
+    bitsandbytes weights by class name (``Params4bit`` / ``Int8Params``), which the fake stand-ins are not: route them
+    to the same bitsandbytes calls peft makes for the real classes (peft/utils/integrations.py
+    ``dequantize_bnb_weight``: ``dequantize_4bit(weight.data, weight.quant_state)``; ``int8_vectorwise_dequant(data,
+    SCB)``), whose fake kernels give the real shapes and dtypes."""
+    import bitsandbytes as bnb
+    from peft.tuners.lora import dora
+
+    original = dora.dequantize_module_weight
+
+    def dequantize(module):
+        weight = module.weight
+        if getattr(weight, "quant_state", None) is not None and weight.dtype == torch.uint8:
+            return bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
+        state = getattr(module, "state", None)
+        if weight.dtype == torch.int8 and state is not None and getattr(state, "SCB", None) is not None:
+            return bnb.functional.int8_vectorwise_dequant(weight.data, state.SCB)
+        return original(module)
+
+    dora.dequantize_module_weight = dequantize
+    try:
+        yield
+    finally:
+        dora.dequantize_module_weight = original

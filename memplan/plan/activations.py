@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from memplan.units import ceil_div
 
+from .adapters import adapter_saved_per_token
 from .attention import KV_BROADCAST, model_mask_bytes, repeats_kv, sdpa_kernel, sdpa_mask_materialised
 from .dtypes import DTYPE_BYTES
 from .precision import autocast_bytes
@@ -106,7 +107,7 @@ def layer_activations(spec: ModelSpec, setup: TrainSetup) -> LayerActivations:
     return _layer_activations_cached(spec, setup.attn, setup.lora_dropout, setup.adapter_dtype, setup.rank,
                                      setup.targets or "", setup.method, setup.bits, setup.dtype,
                                      residual_bytes(spec, setup), sdpa_mask_materialised(spec, setup),
-                                     autocast_bytes(setup), repeats_kv(spec, setup))
+                                     autocast_bytes(setup), repeats_kv(spec, setup), setup.adapter)
 
 
 def checkpoint_input_per_token(spec: ModelSpec, setup: TrainSetup) -> int:
@@ -141,7 +142,8 @@ def _pre_norm(spec: ModelSpec) -> bool:
 @lru_cache(maxsize=4096)
 def _layer_activations_cached(spec: ModelSpec, attn: str, lora_dropout: float, adapter_dtype: str, rank: int,
                               targets: str, method: str, bits: int, dtype: str, hb: int,
-                              masked: bool = False, ac: int = 0, kv_repeated: bool = False) -> LayerActivations:
+                              masked: bool = False, ac: int = 0, kv_repeated: bool = False,
+                              adapter: str = "lora") -> LayerActivations:
     h = spec.hidden_size
     d = spec.head_dim
     q_dim = spec.num_attention_heads * d
@@ -246,15 +248,9 @@ def _layer_activations_cached(spec: ModelSpec, attn: str, lora_dropout: float, a
         # under autocast lora_A saves an autocast-dtype cast of its input, and lora_B lora_A's output
         ab = ac or DTYPE_BYTES[adapter_dtype]
         layer_names = {x.name for x in spec.layer_linears}
-        lora_tok = 0
-        for lin in adapted_linears(spec, targets):
-            if lin.name not in layer_names:
-                continue  # top-level modules are handled with the model extras
-            width = lin.in_features
-            routed = spec.num_experts_per_tok if lin.num_experts > 1 else 1
-            r = rank * lin.lora_rank_multiplier
-            # Targets restricted to some layers: spread their bytes over the stack (a per-layer average).
-            lora_tok += spec.instances(lin) * routed * (width * ab + (width if lora_dropout > 0 else 0) + r * ab)
+        # the adapter variants' own terms (DoRA, LoRA-FA, IA3): memplan.plan.adapters
+        lora_tok = adapter_saved_per_token(spec, targets, adapter, rank=rank, dropout=lora_dropout > 0, ab=ab,
+                                           base_b=lin, adapter_b=DTYPE_BYTES[adapter_dtype], layer_names=layer_names)
         per_tok += ceil_div(lora_tok, spec.num_layers)
 
     # LLM.int8 (bnb MatMul8bitLt) saves its input A for the input gradient, once per distinct input that

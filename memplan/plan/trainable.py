@@ -15,10 +15,11 @@ from typing import TYPE_CHECKING
 from memplan.units import ceil_div
 
 from .dtypes import DTYPE_BYTES
-from .weights import all_linears, load_dtype
+from .adapters import adapted_linears, ia3_vectors, saved_modules
+from .weights import all_linears, float_weight_bytes, load_dtype
 
 if TYPE_CHECKING:
-    from memplan.catalog.models import LinearSpec, ModelSpec
+    from memplan.catalog.models import ModelSpec
 
     from .optimizers import OptimizerSpec
     from .setup import TrainSetup
@@ -48,12 +49,6 @@ def _matrix(rows: int, cols: int, b: int) -> TrainableTensor:
 
 def _vector(n: int, b: int) -> TrainableTensor:
     return TrainableTensor(n, b, n)
-
-
-@lru_cache(maxsize=1024)
-def adapted_linears(spec: ModelSpec, targets: str) -> tuple[LinearSpec, ...]:
-    """``spec.resolve_targets`` memoized: the search asks for the same few target sets hundreds of times."""
-    return tuple(spec.resolve_targets(targets))
 
 
 @dataclass(frozen=True, eq=False)  # compared and hashed by identity: instances are memoized by ``trainable``
@@ -97,13 +92,25 @@ def trainable(spec: ModelSpec, setup: TrainSetup) -> Trainable:
     """Every trainable tensor of a resolved setup, which sizes gradients and optimizer state."""
     if setup.method == "full":
         return _trainable(spec, None, 0, DTYPE_BYTES[load_dtype(setup)])
-    return _trainable(spec, setup.targets, setup.rank, DTYPE_BYTES[setup.adapter_dtype])
+    # modules_to_save copies keep their module's dtype (a deep copy: fp32 after prepare_model_for_kbit_training);
+    # peft's autocast_adapter_dtype casts the trainable token rows with the adapter (memplan simulate)
+    return _trainable(spec, setup.targets, setup.rank, DTYPE_BYTES[setup.adapter_dtype], setup.adapter,
+                      setup.modules_to_save or "", setup.trainable_tokens, float_weight_bytes(setup))
 
 
 @lru_cache(maxsize=4096)
-def _trainable(spec: ModelSpec, targets: str | None, rank: int, b: int) -> Trainable:
+def _trainable(spec: ModelSpec, targets: str | None, rank: int, b: int, adapter: str = "lora", saved: str = "",
+               tokens: int = 0, copy_b: int = 0) -> Trainable:
     copies: dict[TrainableTensor, int] = {}
-    for t in (_full_tensors(spec, b) if targets is None else _lora_tensors(spec, targets, rank, b)):
+    if targets is None:
+        found = _full_tensors(spec, b)
+    elif adapter == "ia3":
+        found = tuple(_vector(n, b) for n in ia3_vectors(spec, targets))
+    else:
+        found = _lora_tensors(spec, targets, rank, b, adapter)
+    found += tuple(_matrix(m.rows, m.cols, copy_b) for m in saved_modules(spec, saved)) if saved else ()
+    found += (_matrix(tokens, spec.hidden_size, b),) if tokens else ()
+    for t in found:
         copies[t] = copies.get(t, 0) + 1
     tensors = tuple(copies.items())
     values = sum(t.numel * n for t, n in tensors)
@@ -131,12 +138,17 @@ def _full_tensors(spec: ModelSpec, b: int) -> tuple[TrainableTensor, ...]:
     return tuple(tensors)
 
 
-def _lora_tensors(spec: ModelSpec, targets: str, rank: int, b: int) -> tuple[TrainableTensor, ...]:
+def _lora_tensors(spec: ModelSpec, targets: str, rank: int, b: int, adapter: str = "lora"
+                  ) -> tuple[TrainableTensor, ...]:
     tensors: list[TrainableTensor] = []
     for lin in adapted_linears(spec, targets):
         mult = spec.instances(lin)  # layer-restricted targets adapt only some layers
         if lin.num_experts == 1 or lin.peft_target == "module":  # (per-expert modules: a pair per expert)
             pair = [_matrix(rank, lin.in_features, b), _matrix(lin.out_features, rank, b)] * lin.num_experts
+            if adapter == "lora-fa":  # A frozen (memplan.plan.adapters): weights, not trainable
+                pair = pair[1::2]
+            elif adapter == "dora":  # DoraLinearLayer.weight: the magnitude, one value per output row
+                pair += [_vector(lin.out_features, b)] * lin.num_experts
         else:  # fused experts: peft's parameter wrapper; one tensor of peft's exact count
             n = lin.lora_params(rank)
             pair = [TrainableTensor(n, b, n)]
