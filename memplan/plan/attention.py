@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from .seq_shapes import mask_rows, masked_batch
 from .versions import Stack, applies, parse_version, stack_of
 
 if TYPE_CHECKING:
@@ -51,14 +52,19 @@ def sdpa_mask_materialised(spec: ModelSpec, setup: TrainSetup) -> bool:
     ``create_sliding_window_causal_mask`` builds a (1, 1, S, S) bool mask, expanded (a view) to the batch
     (masking_utils.py ``sdpa_mask``), even where it is plain causal. Mistral (window 4096), Phi-3 (2047) and
     Qwen2 with ``use_sliding_window``; Gemma-2 runs eager attention only."""
-    return setup.attn == "sdpa" and spec.sliding_window is not None and setup.seq_len >= spec.sliding_window
+    if setup.attn != "sdpa":
+        return False
+    # a packed row or padded rows: a block-diagonal / padding mask (memplan.plan.seq_shapes.masked_batch)
+    return (spec.sliding_window is not None and setup.seq_len >= spec.sliding_window) or masked_batch(setup)
 
 
 def model_mask_bytes(spec: ModelSpec, setup: TrainSetup) -> int:
     """The model-level bool attention mask, when transformers builds one (``sdpa_mask_materialised``): one byte
     per (query, key) position, (1, 1, S, S) expanded to the batch as a view, so independent of the batch. Every
     layer's call reads it (and checkpointing keeps it as an input), so it lives through forward and backward."""
-    return setup.seq_len * setup.seq_len if sdpa_mask_materialised(spec, setup) else 0
+    if not sdpa_mask_materialised(spec, setup):
+        return 0
+    return mask_rows(setup) * setup.seq_len * setup.seq_len  # a packed or padding mask differs per row
 
 
 def repeats_kv(spec: ModelSpec, setup: TrainSetup) -> bool:
