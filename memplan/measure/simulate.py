@@ -51,10 +51,13 @@ from .bnb_legacy import legacy_4bit_kernels
 from .moe_legacy import balanced_routing
 from .dtypes import torch_dtype
 from .build import build_training_model
+from .quantize import fake_dequantize_for_peft
 from .cuda_semantics import SIM_ATTN, CudaKernels, cuda_patches, fake_fidelity_patches
 from .optimizer import make_optimizer
 from .recorder import StepRecorder
 from .step import run_steps
+from .loss_sim import check_simulable
+from .offload_sim import offload_hooks
 
 __all__ = ["SimResult", "simulate", "simulate_for", "DEVICE_SEMANTICS"]
 
@@ -103,6 +106,8 @@ class SimResult:
             "final_bytes": self.final_bytes,
             "device_semantics": self.device_semantics,
             "wall_seconds": self.wall_seconds,
+            # (the keys of Estimate.to_dict that one simulated step does not measure)
+            "host_bytes": {}, "init_phase": [], "shape": None,
         }
 
 
@@ -127,6 +132,7 @@ def simulate_for(spec, setup: TrainSetup, gpu=None, *, steps: int = 2, device_se
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise InvalidSetupError(f"invalid steps {steps!r}; must be an integer >= 1")
     check_installed(setup.versions, "memplan simulate")
+    check_simulable(setup)  # --loss liger: a Triton kernel (memplan.measure.loss_sim)
     spec = layout_for(spec, setup.versions)  # the modules the installed transformers builds (Mixtral 4.x)
     t0 = time.perf_counter()
     cuda = device_semantics == "cuda"
@@ -137,6 +143,8 @@ def simulate_for(spec, setup: TrainSetup, gpu=None, *, steps: int = 2, device_se
         stack.enter_context(_quiet_bnb_logger())
         stack.enter_context(fake_fidelity_patches())
         stack.enter_context(legacy_4bit_kernels(setup))  # bitsandbytes < 0.46: fake-tensor dequantize_4bit
+        if setup.adapter == "dora" and setup.bits in (4, 8):
+            stack.enter_context(fake_dequantize_for_peft())  # DoRA dequantizes the base weight every forward
         if any(lin.num_experts > 1 and lin.peft_target == "module" for lin in spec.layer_linears):
             stack.enter_context(balanced_routing(spec))  # transformers 4.x experts loop: torch.where routing
         attn = None
@@ -162,7 +170,8 @@ def simulate_for(spec, setup: TrainSetup, gpu=None, *, steps: int = 2, device_se
         rec = StepRecorder(vocab_size=spec.vocab_size, round_to=CUDA_BLOCK_BYTES if cuda else 1)
         params = rec.register_model(model).param_counts()
         trainable = [p for p in model.parameters() if p.requires_grad]
-        opt = make_optimizer(setup, trainable, foreach=True if cuda and _torch_optimizer(setup) else None, fake=True)
+        opt = make_optimizer(setup, trainable, foreach=True if cuda and _torch_optimizer(setup) else None, fake=True,
+                             model=model)
         rec.watch(trainable, opt)
         stack.enter_context(rec)
         if cuda and setup.bits in (4, 8):
@@ -172,6 +181,8 @@ def simulate_for(spec, setup: TrainSetup, gpu=None, *, steps: int = 2, device_se
             kernels = None
         if cuda and setup.autocast not in (None, "off"):
             stack.enter_context(cuda_autocast_policy(torch_dtype(setup.autocast)))
+        # --activation-offload: saved tensors packed to (excluded) host storages (memplan.measure.offload_sim)
+        host = stack.enter_context(offload_hooks(model, rec.tracker, getattr(setup, "activation_offload", None)))
         run_steps(model, opt, rec, spec, setup, steps=steps, autocast=autocast_for(setup, "cpu"))
     trk = rec.tracker
     if cuda and _torch_optimizer(setup):
@@ -182,6 +193,8 @@ def simulate_for(spec, setup: TrainSetup, gpu=None, *, steps: int = 2, device_se
                 trk.exclude(state["step"])
     res = trk.result()
     notes += cuda_notes
+    if host.peak:
+        notes.append(f"activation offload: {host.peak:,} B of host memory at most (the packed copies)")
     if kernels is not None:
         notes += kernels.notes()
     paged = _paged_bytes(opt, setup, trk.round_to)

@@ -24,12 +24,21 @@ __all__ = ["make_batch", "forward_loss", "run_steps"]
 
 def make_batch(spec, setup, *, device: str = "cpu") -> dict:
     """One batch as a data collator gives it: ``input_ids`` and ``labels`` (a copy), int64, no padding."""
+    if getattr(setup, "packing", "off") != "off" or getattr(setup, "seq_len_file", None) is not None:
+        from .shape_sim import shaped_batch  # padded / packed / padding-free batches (memplan.plan.seq_shapes)
+
+        return shaped_batch(spec, setup, device=device)
     ids = torch.randint(0, spec.vocab_size, (setup.batch_size, setup.seq_len), device=device)
     return {"input_ids": ids, "labels": ids.clone()}
 
 
-def forward_loss(model, batch) -> torch.Tensor:
-    """``Trainer.compute_loss``: the model output (logits included) is dropped, only the loss survives."""
+def forward_loss(model, batch, loss: str | None = None) -> torch.Tensor:
+    """``Trainer.compute_loss``: the model output (logits included) is dropped, only the loss survives.
+    ``loss="chunked"``: the chunked output projection and cross-entropy (``memplan.measure.loss_sim``)."""
+    if loss == "chunked":
+        from .loss_sim import chunked_forward_loss
+
+        return chunked_forward_loss(model, batch)
     return model(**batch).loss
 
 
@@ -48,7 +57,7 @@ def run_steps(model, optimizer, recorder: StepRecorder, spec, setup, *, steps: i
             recorder.register_inputs(batch)
             with recorder.phase("forward", step):
                 with autocast():
-                    loss = forward_loss(model, batch)
+                    loss = forward_loss(model, batch, getattr(setup, "loss", None))
             with recorder.phase("backward", step):
                 loss.backward()
             del loss  # Trainer.training_step returns loss.detach(): the graph dies with the step's loss
