@@ -15,6 +15,9 @@ from memplan.errors import InvalidSetupError
 from memplan.plan.dtypes import dtype_name
 from memplan.plan.optimizers import resolve_optimizer
 
+from .config_features import liger_plugin, lora_init, module_names, packed, padding_free, peft_type, token_rows
+from .config_skip import SILENT, Skip
+
 __all__ = ["FORMATS", "FORMAT_NAMES", "Skip", "TABLES", "EXCLUSIVE", "NESTED", "AXOLOTL_MARKERS", "TRL_MARKERS",
            "TA_MARKERS", "ACCELERATE_MARKERS"]
 
@@ -24,16 +27,7 @@ FORMAT_NAMES = ("transformers TrainingArguments JSON (to_json_string), TRL SFTCo
                  "config YAML")
 
 
-class Skip:
-    """A converter's answer for a value that sets no field: silent, or a note / warning with its reason."""
-
-    __slots__ = ("level", "reason")
-
-    def __init__(self, level: str = "silent", reason: str = ""):
-        self.level, self.reason = level, reason
-
-
-_SILENT = Skip()
+_SILENT = SILENT
 Converter = Callable[[Any, Mapping[str, Any]], Any]  # (value, the whole flattened file) -> value or Skip
 
 
@@ -204,11 +198,7 @@ def _eval_batch(train_key: str) -> Converter:
 _DEEPSPEED = _warn("DeepSpeed ZeRO sharding/offload is NOT modelled: the estimate is one GPU holding everything")
 _FSDP = _warn("FSDP sharding is NOT modelled: the estimate is one GPU holding everything")
 _COMPILE = _warn("torch.compile changes activation memory (fusion, CUDA graphs); not modelled")
-_SAVE = _warn("modules_to_save train a full-precision copy of those modules (weights, gradients, optimizer "
-              "state): not modelled, the estimate is low")
-_PACKING = _note("packing changes no per-step memory at a fixed length: modelled as full sequences of sequence_len")
-_OFFLOAD = _warn("activation offloading to host memory is not modelled: activations are counted on the GPU")
-_LIGER = _warn("Liger kernels (fused linear cross-entropy) are not modelled: logits + loss are counted in full")
+
 
 # ------------------------------------------------------------------------------------------------- tables
 # key -> (TrainSetup field or None, converter). A later key of the same field wins within one file.
@@ -231,7 +221,7 @@ _TRAINING_ARGS: dict[str, tuple[str | None, Converter]] = {
     "fsdp": (None, _FSDP),
     "parallelism_config": (None, _warn("parallelism (tensor / context parallel) is not modelled")),
     "torch_compile": (None, _COMPILE),
-    "use_liger_kernel": (None, _LIGER),
+    "use_liger_kernel": ("loss", _true_gives("liger")),
     "optim_target_modules": (None, _warn("GaLore / APOLLO projected optimizer state is not modelled")),
     "label_smoothing_factor": (None, _warn("label smoothing makes a second logits-sized log-softmax: not modelled",
                                            lambda v, raw: isinstance(v, (int, float)) and v > 0)),
@@ -252,10 +242,9 @@ _TRL: dict[str, tuple[str | None, Converter]] = {
     **_TRAINING_ARGS,
     "max_seq_length": ("seq_len", _int),
     "max_length": ("seq_len", _int),
-    "packing": (None, _PACKING),
-    "padding_free": (None, _note("padding-free batches hold fewer tokens than batch x max_length: modelled in "
-                                 "full")),
-    "activation_offloading": (None, _OFFLOAD),
+    "packing": ("packing", packed),
+    "padding_free": ("packing", padding_free),
+    "activation_offloading": ("activation_offload", _true_gives("pinned")),
     "model_init_kwargs.torch_dtype": ("dtype", _torch_dtype),
     "model_init_kwargs.dtype": ("dtype", _torch_dtype),  # transformers 5 name
     "model_init_kwargs.attn_implementation": ("attn", _attn),
@@ -273,8 +262,8 @@ _TRL: dict[str, tuple[str | None, Converter]] = {
     "lora_alpha": ("alpha", _alpha),
     "lora_dropout": ("lora_dropout", _float),
     "lora_target_modules": ("targets", _targets),
-    "lora_modules_to_save": (None, _SAVE),
-    "use_dora": (None, _warn("DoRA (weight-decomposed LoRA) is not modelled")),
+    "lora_modules_to_save": ("modules_to_save", module_names),
+    "use_dora": ("adapter", _true_gives("dora")),
     "load_in_4bit": ("bits", _true_gives(4)),
     "load_in_8bit": ("bits", _true_gives(8)),
     "bnb_4bit_quant_type": ("quant_type", _if_4bit(_quant_type)),
@@ -288,13 +277,17 @@ _PEFT: dict[str, tuple[str | None, Converter]] = {
     "lora_alpha": ("alpha", _alpha),
     "lora_dropout": ("lora_dropout", _float),
     "target_modules": ("targets", _targets),
-    "modules_to_save": (None, _SAVE),
-    "use_dora": (None, _warn("DoRA (weight-decomposed LoRA) is not modelled")),
+    "peft_type": ("adapter", peft_type),
+    "modules_to_save": ("modules_to_save", module_names),
+    "use_dora": ("adapter", _true_gives("dora")),
+    "use_rslora": ("rslora", _true_gives(True)),
+    "init_lora_weights": ("init", lora_init),
+    "feedforward_modules": (None, lambda v, raw: _SILENT),  # IA3: memplan takes peft's defaults for the model
     "rank_pattern": (None, _warn("per-module ranks are not modelled: every module is counted at r")),
     "layers_to_transform": (None, _warn("LoRA on some layers only is not modelled: counted on every layer")),
     "exclude_modules": (None, _warn("excluded modules are not modelled: the estimate counts them adapted")),
     "target_parameters": (None, _warn("target_parameters (MoE experts) from a file are not modelled")),
-    "trainable_token_indices": (None, _warn("trainable token embeddings are not modelled")),
+    "trainable_token_indices": ("trainable_tokens", token_rows),
     "layer_replication": (None, _warn("layer replication is not modelled")),
     "bias": (None, _warn("trained biases are not modelled", lambda v, raw: v not in ("none", None))),
     "lora_bias": (None, _warn("LoRA bias terms are not modelled")),
@@ -344,7 +337,7 @@ _AXOLOTL: dict[str, tuple[str | None, Converter]] = {
     "xformers_attention": (None, _note("xformers memory-efficient attention is estimated as sdpa")),
     "flex_attention": (None, _note("flex attention is estimated as sdpa")),
     "s2_attention": (None, _warn("shifted-sparse attention is not modelled")),
-    "sample_packing": (None, _PACKING),
+    "sample_packing": ("packing", packed),
     "gradient_accumulation_steps": ("grad_accum", _int),
     "eval_batch_size": (None, _eval_batch("micro_batch_size")),
     "group_by_length": (None, _note("batches grouped by length: the peak is still the longest batch")),
@@ -354,17 +347,17 @@ _AXOLOTL: dict[str, tuple[str | None, Converter]] = {
     "fsdp_config": (None, _warn("FSDP sharding is NOT modelled: the estimate is one GPU holding everything",
                                 lambda v, raw: bool(v) and not raw.get("fsdp"))),  # FSDP2 configs set only this
     "torch_compile": (None, _COMPILE),
-    "lora_modules_to_save": (None, _SAVE),
-    "peft_use_dora": (None, _warn("DoRA (weight-decomposed LoRA) is not modelled")),
+    "lora_modules_to_save": ("modules_to_save", module_names),
+    "peft_use_dora": ("adapter", _true_gives("dora")),
+    "peft_use_rslora": ("rslora", _true_gives(True)),
+    "loraplus_lr_ratio": ("loraplus_lr_ratio", _float),
     "peft_layers_to_transform": (None, _warn("LoRA on some layers only is not modelled: counted on every layer")),
     "unfrozen_parameters": (None, _warn("partly unfrozen base parameters are not modelled")),
-    "activation_offloading": (None, _OFFLOAD),
-    "plugins": (None, _warn("plugins (Liger, Cut Cross Entropy) are not modelled: logits + loss counted in full",
-                            lambda v, raw: any("liger" in str(p).lower() or "cut_cross" in str(p).lower()
-                                               for p in (v or ())))),
-    "liger_fused_linear_cross_entropy": (None, _LIGER),
+    "activation_offloading": ("activation_offload", _true_gives("pinned")),
+    "plugins": ("loss", liger_plugin),
+    "liger_fused_linear_cross_entropy": (None, lambda v, raw: _SILENT),  # read with plugins
     "cut_cross_entropy": (None, _warn("Cut Cross Entropy is not modelled: logits + loss counted in full")),
-    "chunked_cross_entropy": (None, _warn("chunked cross-entropy is not modelled: logits + loss counted in full")),
+    "chunked_cross_entropy": ("loss", _true_gives("chunked")),
 }
 
 # accelerate's config file (``accelerate config`` -> default_config.yaml; accelerate/commands/config/

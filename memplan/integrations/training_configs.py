@@ -176,10 +176,10 @@ def map_training_config(raw: Mapping[str, Any], fmt: str, *, source: str, hand_w
     if fmt not in TABLES:
         raise ConfigError(f"{source}: unknown config format {fmt!r}; allowed: {', '.join(FORMATS)}")
     p = source
-    if fmt == "peft" and str(raw.get("peft_type")).rsplit(".", 1)[-1].upper() != "LORA":
+    if fmt == "peft" and str(raw.get("peft_type")).rsplit(".", 1)[-1].upper() not in ("LORA", "IA3"):
         raise ConfigError(f"{p}: peft_type {str(raw.get('peft_type')).rsplit('.', 1)[-1]!r} is not modelled; "
-                          f"memplan plans LoRA adapters "
-                          f"(peft_type LORA)")
+                          f"memplan plans LoRA adapters (peft_type LORA, with DoRA / rsLoRA / LoftQ / PiSSA / "
+                          f"OLoRA) and IA3")
     flat = _flatten(raw)
     fields: dict[str, Any] = {}
     origin: dict[str, str] = {}

@@ -70,8 +70,11 @@ class Estimate:
     notes: tuple[str, ...] = ()
     # host memory the step needs beyond the card's, by cause (activation offloading: "activation_offload")
     host_bytes: dict[str, int] = field(default_factory=dict)
-    # the LoRA initialisation's own peak (--init loftq/pissa/olora), beside training's: memplan.plan.init_phase
-    init_phase: object | None = None
+    # the LoRA initialisation's own peak (--init loftq/pissa/olora) on each way to run it, the planned one first
+    # (memplan.plan.init_phase.InitPhase), beside training's
+    init_phase: tuple = ()
+    # the step's batch shape (--packing, --seq-len-file: memplan.plan.seq_shapes.SequenceShape); None: plain batches
+    shape: object | None = None
 
     @property
     def dominant(self) -> str:
@@ -96,5 +99,6 @@ class Estimate:
             "setup": self.setup.to_dict(),
             "notes": list(self.notes),
             "host_bytes": dict(self.host_bytes),
-            "init_phase": self.init_phase.to_dict() if self.init_phase is not None else None,
+            "init_phase": [p.to_dict() for p in self.init_phase],
+            "shape": self.shape.to_dict() if self.shape is not None else None,
         }

@@ -20,13 +20,15 @@ A plan fits when its estimated peak, CUDA context included, is within the ``Budg
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from memplan.errors import InvalidSetupError, UnknownGPUError
 
 from .budget import Budget, check_headroom
 from .estimate import Estimate, estimate_for
+from .fit_result import DEFAULT_MAX_BATCH, DEFAULT_PREFER, FitResult, NextStep
+from .savers import with_savers
 from .setup import TrainSetup, resolve_setup, sequence_limit
 from .regimes import leaner_regimes
 from .speed import step_time
@@ -37,7 +39,6 @@ if TYPE_CHECKING:
     from memplan.catalog.models import ModelSpec
 
     from .changes import Change
-    from .regimes import RegimeAlternative
 
 __all__ = ["FitResult", "NextStep", "fit", "fit_for", "smallest_gpu", "SEARCH_BITS", "SEARCH_RANKS",
            "SEARCH_OPTIMIZERS", "DEFAULT_MAX_BATCH", "PREFERENCES", "DEFAULT_PREFER", "PREFERENCE_RULES"]
@@ -45,9 +46,7 @@ __all__ = ["FitResult", "NextStep", "fit", "fit_for", "smallest_gpu", "SEARCH_BI
 SEARCH_BITS = (16, 8, 4)
 SEARCH_RANKS = (64, 32, 16, 8)
 SEARCH_OPTIMIZERS = ("adamw_torch", "adamw_bnb_8bit", "paged_adamw_8bit")
-DEFAULT_MAX_BATCH = 64
 PREFERENCES = ("balanced", "quality", "speed", "memory")
-DEFAULT_PREFER = "balanced"
 # What each preference puts first, in order (``_rank_key``); the reports quote these.
 PREFERENCE_RULES = {
     "balanced": "16-bit base weights, then 4-bit NF4 + double quant (QLoRA), then LLM.int8; adapters on all "
@@ -64,97 +63,6 @@ PREFERENCE_RULES = {
 # Upper bound for "longest sequence at batch 1" where the model states no context (ALiBi) or the user allows a
 # longer one than it was trained on (--allow-long-context; Llama-3.1's trained context is 131072).
 MAX_SEQ_SEARCH = 131072
-
-
-@dataclass(frozen=True)
-class NextStep:
-    """What the recommended plan would need at the next micro-batch size up. It does not fit the budget,
-    unless the search stopped at ``max_batch`` first (``capped``): then it may fit (``shortfall_bytes`` <= 0)."""
-
-    estimate: Estimate
-    shortfall_bytes: int  # how much more than the budget it needs (<= 0: it fits, with that much to spare)
-    smallest_gpu: str | None  # the smallest catalog card it fits (its name), if any
-    capped: bool = False  # the recommended batch is max_batch: the search did not try larger ones
-
-    @property
-    def fits(self) -> bool:
-        return self.shortfall_bytes <= 0
-
-
-@dataclass(frozen=True)
-class FitResult:
-    model: str
-    gpu: GPUSpec
-    headroom: float
-    budget: Budget
-    recommended: Estimate | None
-    alternatives: tuple[Estimate, ...]
-    next_batch: NextStep | None
-    max_seq_len_batch1: int | None  # longest sequence that fits at batch 1 with the recommended settings
-    smallest_gpu: str | None  # when nothing fits: the smallest card the leanest plan fits
-    leanest: Estimate  # the leanest plan searched (reported when nothing fits)
-    evaluated: int  # number of estimates computed
-    # the search stopped at the model's limit, not memory: "learned" (a position table, hard) or "trained" (the
-    # context the config states; --allow-long-context plans beyond it); None when memory stopped it
-    max_seq_len_limit: str | None = None
-
-    @property
-    def max_seq_len_is_model_limit(self) -> bool:
-        return self.max_seq_len_limit is not None
-    # When nothing fits with the pinned knobs: single changes of a pinned knob after which the leanest plan
-    # fits (``smallest_changes``), so that a --config user learns what to change or --free.
-    changes: tuple[Change, ...] = ()
-    max_batch: int = DEFAULT_MAX_BATCH  # the largest micro-batch the search tried
-    prefer: str = DEFAULT_PREFER  # what the ranking put first (PREFERENCES)
-    # other precision regimes of the same script that fit a larger micro-batch (memplan.plan.regimes)
-    regimes: tuple[RegimeAlternative, ...] = ()
-    notes: tuple[str, ...] = ()  # about the library stack (memplan.plan.stack_notes): fused MoE experts at 4 bits
-
-    @property
-    def budget_bytes(self) -> int:
-        """What a plan's total (CUDA context included) may reach: total - headroom."""
-        return self.budget.limit_bytes
-
-    @property
-    def usable_bytes(self) -> int:
-        """What torch may allocate: total - CUDA context - headroom."""
-        return self.budget.usable_bytes
-
-    def to_dict(self) -> dict:
-        def plan(e: Estimate) -> dict:
-            return {**e.to_dict(), "relative_step_time": step_time(e.setup).factor}
-
-        return {
-            "model": self.model,
-            "prefer": self.prefer,
-            "gpu": {
-                "name": self.gpu.name,
-                "id": self.gpu.id,
-                "total_bytes": self.gpu.total_bytes,
-                "cuda_context_bytes": self.gpu.cuda_context_bytes,
-                "headroom": self.headroom,
-                "budget_bytes": self.budget_bytes,
-                "usable_bytes": self.usable_bytes,
-            },
-            "recommended": plan(self.recommended) if self.recommended else None,
-            "regimes": [r.to_dict() for r in self.regimes],
-            "notes": list(self.notes),
-            "alternatives": [plan(e) for e in self.alternatives],
-            "next_batch": None if self.next_batch is None else {
-                "estimate": self.next_batch.estimate.to_dict(),
-                "shortfall_bytes": self.next_batch.shortfall_bytes,
-                "fits": self.next_batch.fits,
-                "capped_by_max_batch": self.next_batch.capped,
-                "smallest_gpu": self.next_batch.smallest_gpu,
-            },
-            "max_seq_len_batch1": self.max_seq_len_batch1,
-            "max_seq_len_is_model_limit": self.max_seq_len_is_model_limit,
-            "max_seq_len_limit": self.max_seq_len_limit,
-            "smallest_gpu": self.smallest_gpu,
-            "leanest": self.leanest.to_dict(),
-            "changes": [c.to_dict() for c in self.changes],
-            "evaluated": self.evaluated,
-        }
 
 
 def fit(setup: TrainSetup, gpu: GPUSpec | str, *, headroom: float | None = None, pinned: frozenset[str] = frozenset(),
@@ -258,12 +166,24 @@ def fit_for(spec: ModelSpec, setup: TrainSetup, gpu: GPUSpec | None, *, budget: 
             max_batch: int = DEFAULT_MAX_BATCH, prefer: str = DEFAULT_PREFER, profiles_dir=None) -> FitResult:
     """The search for a resolved model ``spec``. ``budget`` defaults to ``gpu``'s total minus ``headroom``;
     ``gpu`` (a card, or None) decides the CUDA context and the dtypes and kernels the card supports;
-    ``prefer`` (one of ``PREFERENCES``) what the ranking puts first."""
-    if prefer not in PREFERENCES:
-        raise InvalidSetupError(f"invalid preference {prefer!r}; allowed: {', '.join(PREFERENCES)}")
+    ``prefer`` (one of ``PREFERENCES``) what the ranking puts first. The savers the user left free and the
+    initialisation phase are added by ``memplan.plan.savers``."""
     headroom = check_headroom(headroom)
     if budget is None:
         budget = Budget.for_gpu(gpu, headroom)
+
+    def search(s: TrainSetup, p: frozenset[str]) -> FitResult:
+        return _search(spec, s, gpu, budget=budget, headroom=headroom, pinned=p, max_batch=max_batch, prefer=prefer,
+                       profiles_dir=profiles_dir)
+
+    batches = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512) if b <= max_batch]
+    return with_savers(search(setup, pinned), spec, setup, gpu, budget, pinned, search, batches)
+
+
+def _search(spec: ModelSpec, setup: TrainSetup, gpu: GPUSpec | None, *, budget: Budget, headroom: float,
+            pinned: frozenset[str], max_batch: int, prefer: str, profiles_dir) -> FitResult:
+    if prefer not in PREFERENCES:
+        raise InvalidSetupError(f"invalid preference {prefer!r}; allowed: {', '.join(PREFERENCES)}")
     if max_batch < 1:
         raise InvalidSetupError(f"invalid max batch {max_batch!r}; must be >= 1")
     s = _Searcher(spec, gpu, budget)

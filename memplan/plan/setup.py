@@ -152,11 +152,23 @@ def describe_setup(setup: TrainSetup) -> str:
         weights = "8-bit LLM.int8"
     else:
         weights = f"{s.bits}-bit"
-    adapter = "full fine-tuning" if s.method == "full" else f"LoRA r={s.rank} on {s.targets}"
+    names = {"lora": "LoRA", "dora": "DoRA", "lora-fa": "LoRA-FA", "ia3": "IA3"}
+    adapter = ("full fine-tuning" if s.method == "full" else f"IA3 on {s.targets}" if s.adapter == "ia3"
+               else f"{names.get(s.adapter, s.adapter)} r={s.rank} on {s.targets}")
+    if s.modules_to_save:
+        adapter += f" + {s.modules_to_save} trained in full"
+    if s.trainable_tokens:
+        adapter += f" + {s.trainable_tokens} token rows"
+    if s.init not in (None, "default"):
+        adapter += f", init {s.init}"
     ckpt = "checkpointing" if s.grad_ckpt else "no checkpointing"
     precision = s.dtype if s.autocast in (None, "off") else f"{s.dtype}, autocast {s.autocast}"
     batch = f"batch {s.batch_size}" + (f" x {s.grad_accum} accumulated" if s.grad_accum > 1 else "")
-    return f"{weights} {adapter}, {batch}, seq {s.seq_len}, {ckpt}, {s.optimizer}, {s.attn}, {precision}"
+    extras = "".join(f", {text}" for text, on in (
+        (f"{s.packing} sequences", s.packing not in (None, "off")), (f"lengths {s.seq_len_file}", bool(s.seq_len_file)),
+        (f"loss {s.loss}", s.loss not in (None, "default")),
+        (f"activation offload {s.activation_offload}", s.activation_offload not in (None, "off"))) if on)
+    return f"{weights} {adapter}, {batch}, seq {s.seq_len}, {ckpt}, {s.optimizer}, {s.attn}, {precision}{extras}"
 
 
 def _check_choice(field: str, value, allowed) -> None:

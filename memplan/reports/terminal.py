@@ -9,6 +9,7 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
+from memplan.reports.feature_view import estimate_extras, fit_extras
 from memplan.catalog.gpus import card_label
 from memplan.plan.breakdown import COMPONENT_LABELS, COMPONENTS
 from memplan.plan.setup import describe_setup
@@ -87,6 +88,7 @@ def estimate_view(e: Estimate, budget: Budget | None = None) -> Group:
     if budget is not None:
         parts.append(verdict(e, budget))
     parts += [Text(""), breakdown_table(e)]
+    parts += estimate_extras(e, budget)
     parts += [Text(f"note: {n}", style="yellow") for n in e.notes]
     return Group(*parts)
 
@@ -119,6 +121,7 @@ def fit_view(r: FitResult) -> Group:
             parts.append(Text("Or change one pinned knob (the flag, or --free it when a --config sets it):"))
             parts += [Text(f"  - {c.description}: {format_gib(c.estimate.total_bytes, 2)}") for c in r.changes]
         parts += [Text(""), breakdown_table(lean, title="Leanest plan")]
+        parts += fit_extras(r)
         parts += [Text(f"note: {n}", style="yellow") for n in (*lean.notes, *r.notes)]
         return Group(*parts)
 
@@ -166,6 +169,7 @@ def fit_view(r: FitResult) -> Group:
                  "trained": " (the model's trained context, max_position_embeddings; --allow-long-context plans "
                             "longer)"}.get(r.max_seq_len_limit, "")
         parts.append(Text(f"Longest sequence at batch 1 with these settings: {r.max_seq_len_batch1:,} tokens{limit}."))
+    parts += fit_extras(r)
     parts += [Text(f"note: {n}", style="yellow") for n in (*rec.notes, *r.notes)]
     return Group(*parts)
 

@@ -54,10 +54,11 @@ ROUND_TRIPS = [
     pytest.param(AXOLOTL, "axolotl", ["--config", AXOLOTL],
      ["llama-2-7b", "--method", "qlora", "--bits", "4", "--rank", "32", "--alpha", "16", "--lora-dropout", "0.05",
       "--targets", "all-linear", "--seq-len", "4096", "--batch-size", "2", "--grad-ckpt",
-      "--optimizer", "paged_adamw_32bit", "--attn", "flash_attention_2", "--grad-accum", "4"],
+      "--optimizer", "paged_adamw_32bit", "--attn", "flash_attention_2", "--grad-accum", "4", "--packing", "packed"],
      {"method": "qlora", "bits": 4, "rank": 32, "alpha": 16, "lora_dropout": 0.05, "targets": "all-linear",
       "seq_len": 4096, "batch_size": 2, "grad_ckpt": True, "optimizer": "paged_adamw_32bit",
-      "attn": "flash_attention_2", "grad_accum": 4}, marks=pytest.mark.extras("yaml"), id="axolotl"),
+      "attn": "flash_attention_2", "grad_accum": 4, "packing": "packed"}, marks=pytest.mark.extras("yaml"),
+     id="axolotl"),
     (TRAINING_ARGS, "training_args", ["--model", "llama-2-7b", "--config", TRAINING_ARGS],
      ["llama-2-7b", "--batch-size", "4", "--grad-ckpt", "--autocast", "bf16", "--optimizer", "paged_adamw_8bit",
       "--grad-accum", "8"],
@@ -70,9 +71,9 @@ ROUND_TRIPS = [
      {"bits": 4, "quant_type": "nf4", "double_quant": True, "dtype": "bf16"}),
     (TRL, "trl", ["--model", "llama-2-7b", "--config", TRL],
      ["llama-2-7b", "--batch-size", "2", "--grad-ckpt", "--dtype", "bf16", "--autocast", "bf16", "--optimizer",
-      "adamw_torch", "--seq-len", "2048", "--attn", "flash_attention_2", "--grad-accum", "16"],
+      "adamw_torch", "--seq-len", "2048", "--attn", "flash_attention_2", "--grad-accum", "16", "--packing", "packed"],
      {"batch_size": 2, "grad_ckpt": True, "dtype": "bf16", "autocast": "bf16", "optimizer": "adamw_torch",
-      "seq_len": 2048, "attn": "flash_attention_2", "grad_accum": 16}),
+      "seq_len": 2048, "attn": "flash_attention_2", "grad_accum": 16, "packing": "packed"}),
 ]
 
 
@@ -116,10 +117,10 @@ def test_used_and_notes_are_reported(capsys):
     cfg = load_training_config(AXOLOTL)
     assert ("micro_batch_size", 2, "batch_size") in cfg.used
     assert ("lora_target_linear", True, "targets") in cfg.used
-    assert {k for k, _ in cfg.ignored} == {"bf16", "sample_packing"}
+    assert {k for k, _ in cfg.ignored} == {"bf16"}
     assert ("gradient_accumulation_steps", 4, "grad_accum") in cfg.used
+    assert ("sample_packing", True, "packing") in cfg.used  # packed rows (memplan.plan.seq_shapes)
     assert cfg.warnings == ()
-    assert any("sequence_len" in n for n in cfg.notes)  # packing: modelled as full sequences
     assert "dtype" not in cfg.fields and "autocast" not in cfg.fields  # bf16: auto: memplan's default
     code, out, _ = run(capsys, "estimate", "--config", TRAINING_ARGS, "--model", "llama-2-7b")
     assert code == 0
@@ -219,17 +220,17 @@ def test_important_ignored_fields_are_warned(tmp_path, capsys):
     path = write(tmp_path, "ds.yml", "base_model: llama-2-7b\nadapter: lora\nlora_r: 16\ndeepspeed: zero3.json\n"
                                      "lora_modules_to_save:\n  - embed_tokens\n  - lm_head\ntorch_compile: true\n")
     cfg = load_training_config(path)
-    assert {k for k, _ in cfg.ignored} == {"deepspeed", "lora_modules_to_save", "torch_compile"}
+    assert {k for k, _ in cfg.ignored} == {"deepspeed", "torch_compile"}
+    assert cfg.fields["modules_to_save"] == "embed_tokens,lm_head"  # modelled (memplan.plan.adapters)
     assert any(w.startswith("deepspeed=zero3.json: DeepSpeed") for w in cfg.warnings)
-    adapter = json.loads(Path(ADAPTER).read_text()) | {"modules_to_save": ["lm_head"]}
+    adapter = json.loads(Path(ADAPTER).read_text()) | {"layers_to_transform": [0, 1]}
     assert [k for k, _ in load_training_config(write(tmp_path, "adapter_config.json", json.dumps(adapter))).ignored] \
-        == ["modules_to_save"]
+        == ["layers_to_transform"]
     code, out, _ = run(capsys, "estimate", "--config", path)
     assert code == 0
     assert f"warning: {path}: deepspeed=zero3.json" in " ".join(out.split())
     d = run_json(capsys, "estimate", "--config", path)
-    assert {i["key"] for i in d["config"]["files"][0]["ignored"]} == {"deepspeed", "lora_modules_to_save",
-                                                                       "torch_compile"}
+    assert {i["key"] for i in d["config"]["files"][0]["ignored"]} == {"deepspeed", "torch_compile"}
 
 
 @pytest.mark.extras("yaml")
@@ -335,3 +336,33 @@ def test_axolotl_bfloat16_is_pure_bf16_without_autocast(tmp_path):
     assert pure.fields["dtype"] == "bf16" and pure.fields["autocast"] == "off"
     amp = load_training_config(write(tmp_path, "amp.yml", "base_model: llama-2-7b\nadapter: lora\nbf16: true\n"))
     assert amp.fields["autocast"] == "bf16" and "dtype" not in amp.fields
+
+
+def test_feature_keys_map_to_their_knobs():
+    """The keys that switch on adapter variants, initialisations, savers and packing set their setup fields."""
+    from memplan.integrations.training_configs import map_training_config
+
+    peft = map_training_config({"peft_type": "LORA", "r": 16, "use_dora": True, "use_rslora": True,
+                                "modules_to_save": ["lm_head", "embed_tokens"], "init_lora_weights": "pissa_niter_4",
+                                "trainable_token_indices": {"embed_tokens": [1, 2, 2, 3]}}, "peft", source="a.json")
+    assert peft.fields == {"rank": 16, "adapter": "dora", "rslora": True, "modules_to_save": "lm_head,embed_tokens",
+                           "init": "pissa_niter_4", "trainable_tokens": 3}
+    ia3 = map_training_config({"peft_type": "IA3", "target_modules": ["k_proj", "v_proj", "down_proj"],
+                               "feedforward_modules": ["down_proj"]}, "peft", source="a.json")
+    assert ia3.fields == {"adapter": "ia3", "targets": "k_proj,v_proj,down_proj"}
+    trl = map_training_config({"output_dir": "o", "max_length": 1024, "packing": True, "padding_free": True,
+                               "use_liger_kernel": True, "activation_offloading": True}, "trl", source="s.json")
+    assert trl.fields == {"seq_len": 1024, "packing": "packed", "loss": "liger", "activation_offload": "pinned"}
+    free = map_training_config({"output_dir": "o", "padding_free": True}, "trl", source="s.json")
+    assert free.fields["packing"] == "padding-free"
+    ax = map_training_config({"base_model": "m", "adapter": "lora", "peft_use_dora": True, "sample_packing": True,
+                              "plugins": ["axolotl.integrations.liger.LigerPlugin"],
+                              "liger_fused_linear_cross_entropy": True, "lora_modules_to_save": ["lm_head"]},
+                             "axolotl", source="a.yml")
+    assert {k: ax.fields[k] for k in ("adapter", "packing", "loss", "modules_to_save")} == {
+        "adapter": "dora", "packing": "packed", "loss": "liger", "modules_to_save": "lm_head"}
+    with pytest.raises(ConfigError, match="peft_type"):
+        map_training_config({"peft_type": "PREFIX_TUNING"}, "peft", source="a.json")
+    wrapped = map_training_config({"output_dir": "o", "packing": True, "packing_strategy": "wrapped"}, "trl",
+                                  source="s.json")
+    assert "packing" not in wrapped.fields  # TRL's wrapped packing: plain full rows

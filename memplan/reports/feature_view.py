@@ -1,0 +1,90 @@
+"""Terminal lines for what a plan has beyond one step's breakdown: the batch shape of packed or measured sequences,
+host memory (activation offloading), the initialisation phase (--init) and, in ``fit``, the savers."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from rich.text import Text
+
+from memplan.units import format_bytes, format_gib
+
+if TYPE_CHECKING:
+    from memplan.plan.budget import Budget
+    from memplan.plan.estimate import Estimate
+    from memplan.plan.fit_result import FitResult
+
+__all__ = ["estimate_extras", "fit_extras"]
+
+_PACKING = {"off": "padded batches", "packed": "packed rows (TRL bfd packing, padding-free)",
+            "padding-free": "padding-free rows (DataCollatorWithFlattening)"}
+
+
+def _shape_lines(e: Estimate) -> list[Text]:
+    sh = e.shape
+    if sh is None:
+        return []
+    lines = [Text(f"sequence shape: {_PACKING.get(sh.packing, sh.packing)}: peak step {sh.rows} x {sh.row_len:,} "
+                  f"tokens ({sh.peak_tokens:,}); typical step {sh.typical_rows} x {sh.typical_row_len:,} "
+                  f"({sh.typical_tokens:,}, the median of seeded random batches)")]
+    if sh.file:
+        lines.append(Text(f"lengths file {sh.file}: {sh.file_count:,} sequences, min {sh.file_min:,} / median "
+                          f"{sh.file_median:,} / max {sh.file_max:,} tokens; {sh.truncated:,} truncated at "
+                          f"{e.setup.seq_len:,}", style="dim"))
+    return lines
+
+
+def _host_lines(e: Estimate) -> list[Text]:
+    if not e.host_bytes:
+        return []
+    kind = "pinned" if e.setup.activation_offload == "pinned" else "pageable"
+    return [Text(f"host memory: {format_bytes(sum(e.host_bytes.values()))} of {kind} RAM for offloaded activations "
+                 f"(beside the GPU peak)")]
+
+
+def _init_lines(paths, context_bytes: int, training_bytes: int, budget: Budget | None) -> list[Text]:
+    if not paths:
+        return []
+    lines = [Text(f"initialisation (--init {paths[0].init}) runs once before training; its own peak, CUDA context "
+                  f"included:", style="bold")]
+    for i, p in enumerate(paths):
+        total = p.gpu_peak_bytes + context_bytes
+        verdict = ""
+        if budget is not None:
+            verdict = "; fits the card" if budget.fits(total) else "; does not fit the card"
+        lines.append(Text(f"  {'planned' if i == 0 else 'or     '} {p.path}: GPU {format_gib(total, 2)}, host "
+                          f"{format_bytes(p.host_peak_bytes)}, ~{p.seconds_estimate:,.0f} s of SVD/QR on CPU "
+                          f"(largest layer {p.largest_layer}){verdict}"))
+    lean = min(paths, key=lambda p: p.gpu_peak_bytes)
+    binding = "the initialisation" if lean.gpu_peak_bytes + context_bytes > training_bytes else "training"
+    lines.append(Text(f"  binding phase: {binding} (training peaks at {format_gib(training_bytes, 2)})"))
+    return lines
+
+
+def estimate_extras(e: Estimate, budget: Budget | None = None) -> list[Text]:
+    """The lines ``memplan estimate`` prints after the breakdown."""
+    return (_shape_lines(e) + _host_lines(e)
+            + _init_lines(e.init_phase, e.components.get("cuda_context", 0), e.total_bytes, budget))
+
+
+def fit_extras(r: FitResult) -> list[Text]:
+    """The lines ``memplan fit`` prints after the alternatives: the saver a plan needs, what each free saver buys,
+    and the initialisation phase."""
+    lines: list[Text] = []
+    plan = r.recommended
+    if r.saver_needed and plan is not None:
+        lines.append(Text(f"\nFits only with {r.saver_needed}: without it nothing fits.", style="bold yellow"))
+    if r.savers and plan is not None:
+        lines.append(Text("\nSavers (the trained model is the same; pin them with the flag):"))
+        lines += [Text(f"  {o.describe(plan)}") for o in r.savers]
+    if r.init is not None:
+        lines.append(Text(""))
+        lines += _init_lines(r.init.paths, r.init.context_bytes, r.init.training_bytes, r.budget)
+        within = r.init.within
+        if within is not None and within is not r.init.planned:
+            lines.append(Text(f"  the planned path does not fit; {within.path} keeps the initialisation inside the "
+                              f"card", style="yellow"))
+        elif within is None:
+            lines.append(Text("  no initialisation path fits the card: initialise on a larger card or the CPU, save "
+                              "the adapter, and train from it", style="yellow"))
+    return lines
