@@ -249,20 +249,39 @@ def adapter_config(spec, setup):
 
 
 def _shared_parameters(model) -> list[list[tuple]]:
-    """(module, name) slots that hold one and the same parameter (a tied lm_head and embedding), found on meta
-    before ``to_empty`` gives every slot its own storage."""
+    """(module, name) slots that hold one and the same parameter (a tied lm_head and embedding), and (parent, name)
+    slots that hold one and the same submodule (peft's trainable tokens of a tied lm_head share the embedding's
+    ``ParameterDict``), found on meta before ``to_empty`` gives every slot its own storage. The second and later
+    module slots are emptied until ``_retie``: ``to_empty`` on fake tensors swaps each parameter once ("Cannot swap
+    t1 because it has weakref associated with it" on a second visit)."""
     slots: dict[int, list[tuple]] = {}
     for module in model.modules():
         for name, p in module._parameters.items():
             if p is not None:
                 slots.setdefault(id(p), []).append((module, name))
-    return [group for group in slots.values() if len(group) > 1]
+    children: dict[int, list[tuple]] = {}
+    for parent in model.modules():
+        for name, child in parent._modules.items():
+            if child is not None:
+                children.setdefault(id(child), []).append((parent, name))
+    shared = [group for group in slots.values() if len(group) > 1]
+    for first, *rest in (g for g in children.values() if len(g) > 1):
+        shared.append([("module", *first), *(("module", *slot) for slot in rest)])
+        for parent, name in rest:
+            parent._modules[name] = None
+    return shared
 
 
 def _retie(model, shared: list[list[tuple]]) -> None:
-    """Point every tied slot at the first one's parameter again. ``tie_weights()`` cannot: peft's wrappers of a
-    tied lm_head (``ModulesToSaveWrapper``, ``TrainableTokensWrapper``) hide the module it expects."""
-    for (first, first_name), *rest in shared:
+    """Point every tied slot at the first one's parameter (or submodule) again. ``tie_weights()`` cannot: peft's
+    wrappers of a tied lm_head (``ModulesToSaveWrapper``, ``TrainableTokensWrapper``) hide the module it expects."""
+    for group in shared:
+        if group[0][0] == "module":
+            (_, first, first_name), *rest = group
+            for _, parent, name in rest:
+                parent._modules[name] = first._modules[first_name]
+            continue
+        (first, first_name), *rest = group
         for module, name in rest:
             module._parameters[name] = first._parameters[first_name]
 

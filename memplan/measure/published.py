@@ -36,13 +36,13 @@ GB = 10**9
 STATUSES = ("compared", "oom_ok", "oom_missed", "fits_ok", "fits_missed", "skipped")
 MAPPING_COLUMNS = ("id", "framework", "model", "method", "bits", "quant_type", "double_quant", "dtype", "rank",
                    "targets", "optimizer", "batch_size", "grad_accum", "seq_len", "grad_ckpt", "attn", "autocast",
-                   "upcast_non_quantized", "adapter_dtype", "gpu", "versions", "compare_as", "context_gib", "skip",
-                   "assumptions")
+                   "upcast_non_quantized", "adapter_dtype", "gpu", "versions", "loss", "activation_offload",
+                   "compare_as", "context_gib", "skip", "assumptions")
 _COMPARE_AS = ("alloc", "reserved", "nvml", "fit")
 _INT_FIELDS = ("bits", "rank", "batch_size", "grad_accum", "seq_len")
 _BOOL_FIELDS = ("double_quant", "grad_ckpt", "upcast_non_quantized")
 _STR_FIELDS = ("method", "quant_type", "dtype", "targets", "optimizer", "attn", "autocast", "adapter_dtype",
-               "versions")
+               "versions", "loss", "activation_offload")
 
 
 @dataclass(frozen=True)

@@ -29,16 +29,19 @@ from memplan.plan.breakdown import COMPONENTS
 from memplan.plan.estimate import estimate_for
 from memplan.plan.setup import TrainSetup, resolve_setup
 
+from .feature_matrix import FEATURE_KEY_DEFAULTS, FEATURE_KEYS, MATRIX_FEATURES
+
 __all__ = ["MatrixRow", "RunRow", "MATRIX_MODELS", "MATRIX_VARIATIONS", "MATRIX_SETUP_KEYS", "MATRIX_KEY_DEFAULTS",
            "matrix_setups", "compare_setup", "run_matrix", "rescore_matrix", "validate_runs"]
 
 # The setup columns of validation_matrix.csv (written by memplan.reports.validation, read by rescore_matrix).
 MATRIX_SETUP_KEYS = ("model", "method", "bits", "quant_type", "double_quant", "dtype", "rank", "targets",
                      "lora_dropout", "optimizer", "batch_size", "seq_len", "grad_ckpt", "attn", "autocast",
-                     "upcast_non_quantized", "grad_accum")
+                     "upcast_non_quantized", "grad_accum", *FEATURE_KEYS)
 # Written before the precision knobs, a matrix CSV has neither column: those runs had no autocast and the
-# default k-bit preparation; before gradient accumulation, one micro-batch per step.
-MATRIX_KEY_DEFAULTS = {"autocast": "off", "upcast_non_quantized": None, "grad_accum": 1}
+# default k-bit preparation; before gradient accumulation, one micro-batch per step; before the feature knobs
+# (memplan.measure.feature_matrix), plain LoRA.
+MATRIX_KEY_DEFAULTS = {"autocast": "off", "upcast_non_quantized": None, "grad_accum": 1, **FEATURE_KEY_DEFAULTS}
 
 
 @dataclass(frozen=True)
@@ -188,7 +191,7 @@ def matrix_setups(models: Sequence[tuple[str, dict]] = MATRIX_MODELS,
                 setups.append(setup)
     if variations is MATRIX_VARIATIONS:
         names = {m for m, _ in models}
-        for model, knobs in MATRIX_REGRESSIONS:
+        for model, knobs in (*MATRIX_REGRESSIONS, *MATRIX_FEATURES):
             if model in names:
                 setups.append(TrainSetup(model=model, **{"lora_dropout": 0.05, "dtype": "bf16", "autocast": "off",
                                                          "grad_ckpt": False, **knobs}))
@@ -240,7 +243,7 @@ def rescore_matrix(csv_path: str | os.PathLike, *, profiles_dir=None) -> list[Ma
     for line, rec in enumerate(reader, start=2):
         try:
             knobs = {k: rec.get(k) or MATRIX_KEY_DEFAULTS.get(k) for k in MATRIX_SETUP_KEYS}
-            for k in ("bits", "rank", "batch_size", "seq_len", "grad_accum"):
+            for k in ("bits", "rank", "batch_size", "seq_len", "grad_accum", "trainable_tokens"):
                 knobs[k] = int(knobs[k])
             knobs["lora_dropout"] = float(knobs["lora_dropout"])
             for k in ("double_quant", "grad_ckpt"):

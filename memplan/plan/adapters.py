@@ -1,7 +1,7 @@
 """Adapter variants: what each trains and what it keeps for backward beyond plain LoRA.
 
 peft 0.21 builds every variant here; memplan sizes each from its forward code (cited inline) and
-``memplan simulate`` runs the real one (docs/memory-model.md, "Adapter variants"):
+``memplan simulate`` runs the real one (docs/adapters-and-savers.md, "Adapter variants"):
 
 - ``lora``: plain LoRA (``peft.LoraConfig``), modelled in ``memplan.plan.trainable`` / ``memplan.plan.activations``.
 - ``dora``: ``LoraConfig(use_dora=True)`` (peft/tuners/lora/dora.py ``DoraLinearLayer``): a trainable magnitude vector
@@ -93,10 +93,12 @@ def resolve_adapter(setup: TrainSetup, spec: ModelSpec, *, method: str, bits: in
                          ("--trainable-tokens", setup.trainable_tokens > 0)):
             if on:
                 raise InvalidSetupError(f"{name} is a LoRA option; IA3 (--adapter ia3) has no such setting")
-        ia3_targets(spec, setup.targets)  # raises for a model type without peft defaults and no --targets
+        names, _ = ia3_targets(spec, setup.targets)  # raises for a model type without peft defaults and no --targets
+        return {"targets": ",".join(names)}
     if setup.adapter == "lora-fa" and setup.optimizer not in ("adamw_torch", "adamw"):
         raise InvalidSetupError(f"--adapter lora-fa trains with peft's LoraFAOptimizer (create_lorafa_optimizer, an "
                                 f"AdamW); got --optimizer {setup.optimizer!r}, use adamw_torch")
+    targets = targets if targets is not None else ",".join(spec.default_lora_targets())
     if setup.adapter == "dora":
         fused = [lin.name for lin in spec.resolve_targets(targets) if lin.peft_target == "parameter"]
         if fused:  # peft 0.21 lora.ParamWrapper: "does not work with ... use_dora"
@@ -114,7 +116,7 @@ def ia3_targets(spec: ModelSpec, targets: str | None) -> tuple[tuple[str, ...], 
     """IA3's (target modules, feed-forward modules) for ``spec``: peft's defaults for its model type, or the modules
     the user named (``--targets a,b``), of which peft's feed-forward ones scale their input."""
     default = IA3_TARGETS.get(spec.model_type)
-    if targets is None or targets == ",".join(spec.default_lora_targets()):
+    if targets is None:
         if default is None:
             raise InvalidSetupError(f"peft has no IA3 default targets for {spec.model_type}; name them with "
                                     f"--targets (e.g. k_proj,v_proj,down_proj)")

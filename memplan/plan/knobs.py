@@ -87,7 +87,7 @@ KNOBS: tuple[Knob, ...] = (
     Knob("versions", "--versions", "library versions to plan for, e.g. transformers=4.48.3,peft=0.14.0,"
          "bitsandbytes=0.45.2,torch=2.5.1 (any subset); memplan.plan.versions.RULES says what each changes",
          default_text="the installed versions; the newest memplan models for packages not installed"),
-    Knob("adapter", "--adapter", "adapter method: lora, dora (peft use_dora), lora-fa (frozen A), ia3, vera "
+    Knob("adapter", "--adapter", "adapter method: lora, dora (peft use_dora), lora-fa (frozen A), ia3 "
          "(memplan.plan.adapters)", choices=ADAPTERS),
     Knob("rslora", "--rslora", "rank-stabilised LoRA scale alpha/sqrt(r) (peft use_rslora; no effect on memory)", bool),
     Knob("loraplus_lr_ratio", "--loraplus-lr-ratio", "LoRA+: B's learning rate over A's (no effect on memory)",

@@ -1,7 +1,7 @@
 """Sequence shapes (``--packing``, ``--seq-len-file``): the rows and row length of the batches a step sees.
 
 ``seq_len`` stays the truncation length (TRL ``SFTConfig.max_length``). What a batch looks like then depends on
-the collator (docs/memory-model.md, "Sequence shapes"):
+the collator (docs/adapters-and-savers.md, "Sequence shapes"):
 
 - ``off``: padded batches. The default collators pad each batch to its longest sequence (transformers
   ``DataCollatorForLanguageModeling`` / TRL's ``DataCollatorForLanguageModeling`` without padding_free), so a batch

@@ -82,9 +82,9 @@ class TrainSetup:
     # The library stack planned for, "transformers=4.48.3,peft=0.14.0" (any subset; memplan.plan.versions);
     # resolved to all four packages: the given ones, the rest installed (else the newest memplan models).
     versions: str | None = None
-    # What else a script switches on (docs/memory-model.md, "Adapter variants and savers"); the values and rules of
+    # What else a script switches on (docs/adapters-and-savers.md); the values and rules of
     # each live in the module named, resolve_features (memplan.plan.features) checks them.
-    adapter: str = "lora"  # lora, dora, lora-fa, ia3, vera (memplan.plan.adapters)
+    adapter: str = "lora"  # lora, dora, lora-fa, ia3 (memplan.plan.adapters)
     rslora: bool = False  # peft use_rslora: another scale, no memory
     loraplus_lr_ratio: float | None = None  # LoRA+ (peft create_loraplus_optimizer): another lr for B, no memory
     modules_to_save: str | None = None  # peft modules_to_save: comma-separated names trained in full copies
@@ -343,7 +343,9 @@ def resolve_setup(setup: TrainSetup, spec: ModelSpec, gpu: GPUSpec | None = None
         alpha = alpha if alpha is not None else 2 * setup.rank
         _check_rank(spec, targets, setup.rank)
 
-    features = resolve_features(setup, spec, method=method, bits=bits, attn=attn, targets=targets)
+    features = resolve_features(setup, spec, method=method, bits=bits, attn=attn,
+                                targets=targets if setup.targets is not None or method == "full" else None)
+    targets = features.pop("targets", targets)  # IA3's own default targets (memplan.plan.adapters)
     return replace(
         setup,
         **features,

@@ -87,8 +87,8 @@ def estimate_view(e: Estimate, budget: Budget | None = None) -> Group:
     parts = [Text(f"{e.setup.model}: {describe_setup(e.setup)}", style="bold"), _versions_line(e.setup), _headline(e)]
     if budget is not None:
         parts.append(verdict(e, budget))
-    parts += [Text(""), breakdown_table(e)]
     parts += estimate_extras(e, budget)
+    parts += [Text(""), breakdown_table(e)]
     parts += [Text(f"note: {n}", style="yellow") for n in e.notes]
     return Group(*parts)
 
