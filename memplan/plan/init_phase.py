@@ -65,16 +65,16 @@ _PATH_TEXT = {
     ("loftq", "kbit_model"): "replace_lora_weights_loftq on the 4-bit model",
 }
 
-# CPU seconds of the decompositions, fitted by benchmarks/init_phase.py on this project's shared 2-core CPU (torch
-# 2.13, fp32, 512..2048-wide matrices; least squares through the origin): t = c * m * n * min(m, n) for
-# torch.linalg.svd and .qr, c * m * n * r * (2 q + 2) for torch.svd_lowrank, and c * m * n for bitsandbytes'
-# NF4 quantize + dequantize (LoftQ, once per iteration). Kernel time only (peft's per-layer Python overhead is
-# not in it), extrapolated beyond 2048 x 2752, and a CPU's: a GPU's cuSOLVER is faster by a factor memplan has
-# not measured.
-SVD_SECONDS_PER_MNK = 1.5e-9
-QR_SECONDS_PER_MNK = 1.4e-10
-LOWRANK_SECONDS_PER_MNR = 2.9e-10
-QUANT_SECONDS_PER_VALUE = 5.2e-8
+# CPU seconds of the decompositions, fitted by `python benchmarks/init_phase.py --quick` on this project's 2-core
+# CPU with nothing else running (torch 2.13, 2 threads, fp32, 512 x 512 .. 2752 x 1024 matrices; least squares
+# through the origin; 2026-12-01): t = c * m * n * min(m, n) for torch.linalg.svd and .qr, c * m * n * r * (2 q + 2)
+# for torch.svd_lowrank, and c * m * n for bitsandbytes' NF4 quantize + dequantize (LoftQ, once per iteration).
+# Kernel time only (peft's per-layer Python overhead is not in it: small models take longer than the rule),
+# extrapolated beyond 2752 x 1024, and a CPU's: a GPU's cuSOLVER is faster by a factor memplan has not measured.
+SVD_SECONDS_PER_MNK = 1.34e-10
+QR_SECONDS_PER_MNK = 3.16e-11
+LOWRANK_SECONDS_PER_MNR = 2.9e-11
+QUANT_SECONDS_PER_VALUE = 1.48e-8
 
 
 def init_config_value(setup: TrainSetup) -> str:
