@@ -206,15 +206,14 @@ def run_validate(args: argparse.Namespace) -> int:
     report_dir = prepare_output_dir(args.out or fresh_dir_name("memplan-validation"), produces=VALIDATION_FILES,
                                     force=args.force)
     runs_dir = args.runs or str(profiles_dir() / "runs")
+    # a bad --rescore file is reported before the run records are simulated (seconds each), not after
+    matrix = rescore_matrix(args.rescore) if args.rescore else None
     with warnings.catch_warnings(record=True) as caught:  # skipped records: one line each, not a Python warning
         warnings.simplefilter("always")
         runs = validate_runs(runs_dir, simulate_runs=not args.no_simulate_runs)
     for w in caught:
         sys.stderr.write(f"memplan validate: warning: {w.message}\n")
-    matrix = None
-    if args.rescore:
-        matrix = rescore_matrix(args.rescore)
-    elif args.matrix:
+    if args.matrix and not args.rescore:
         models = MATRIX_MODELS
         if args.models:
             models = tuple((m.strip(), {}) for m in args.models.split(",") if m.strip())

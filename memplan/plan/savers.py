@@ -6,7 +6,8 @@ Savers (``SAVERS``): a fused or chunked loss (``--loss``, memplan.plan.loss) and
 the result. ``fit`` searches them when the user has not pinned them:
 
 - when nothing fits without one, it searches again with each saver (and with a loss saver and offloading together),
-  in ``SAVER_ORDER``, and recommends the first plan that fits, naming the saver it needs (``saver_needed``);
+  in ``SAVER_ORDER``, and recommends the first plan that fits, naming the saver it needs (``saver_needed``); a
+  saver under which even the leanest plan does not fit is not searched;
 - when a plan fits, each free saver is an alternative: what it saves at the plan's batch, the largest batch it
   allows, and the host memory it needs.
 
@@ -142,9 +143,17 @@ def with_savers(result: FitResult, spec: ModelSpec, setup: TrainSetup, gpu: GPUS
     """``result`` with the savers searched (module docstring) and the initialisation phase added."""
     free = _free_savers(setup, pinned)
     if result.recommended is None and free:
+        from .estimate import estimate_for
+
         for combo in _combinations(free):
             changes = {field: value for field, value, _ in combo}
             try:
+                # A pruning rule: the leanest plan searched, with the saver, is the likeliest to fit; when it does
+                # not, the full search with that saver is skipped (it could only find a plan the saver helps more,
+                # say an un-checkpointed one under offloading): nothing-fits answers stay as fast as before
+                probe = estimate_for(spec, resolve_setup(replace(result.leanest.setup, **changes), spec, gpu), gpu)
+                if not budget.fits(probe.total_bytes):
+                    continue
                 saved = search(replace(setup, **changes), pinned | frozenset(changes))
             except InvalidSetupError:
                 continue  # e.g. Liger has no kernel for this architecture

@@ -99,6 +99,9 @@ def _quant_label(setup) -> str:
     return setup.dtype
 
 
+# The capacity grid plans plain steps: no fused or chunked loss, no activation offloading (memplan.plan.savers)
+PLAIN_STEP = {"loss": "default", "activation_offload": "off"}
+
 def _check_seq_len(value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise InvalidSetupError(f"invalid sequence length {value!r}; must be an integer >= 1")
@@ -120,9 +123,12 @@ def _fit_row(spec, gpu, seq_len: int, headroom: float, labels: dict[str, str], p
         return CapacityRow(status=NOT_APPLICABLE, reason=f"max {limit:,} tokens (trained context)",
                            **base)
     try:
-        # Same call as `memplan fit MODEL --gpu GPU --seq-len N --prefer P` (the flag pins seq_len).
-        r = fit_for(spec, TrainSetup(spec.name, seq_len=seq_len, versions=versions), gpu, headroom=headroom,
-                    pinned=frozenset({"seq_len"}), prefer=prefer, profiles_dir=profiles_dir)
+        # Same call as `memplan fit MODEL --gpu GPU --seq-len N --loss default --activation-offload off --prefer P`
+        # (the flags pin them): a cell is a plain training step, as its columns say; the savers fit would add
+        # (memplan.plan.savers) are for one model and card at a time.
+        r = fit_for(spec, TrainSetup(spec.name, seq_len=seq_len, versions=versions, **PLAIN_STEP), gpu,
+                    headroom=headroom, pinned=frozenset({"seq_len", *PLAIN_STEP}), prefer=prefer,
+                    profiles_dir=profiles_dir)
     except InvalidSetupError as exc:  # e.g. an architecture that cannot run on this card at all
         return CapacityRow(status=NOT_APPLICABLE, reason=str(exc), **base)
     if r.recommended is None:

@@ -32,8 +32,10 @@ def rows():
 
 
 def _fit(model: str, gpu: str, seq: int):
-    # What `memplan fit MODEL --gpu GPU --seq-len SEQ` computes (the flag pins seq_len).
-    return fit(TrainSetup(model, seq_len=seq), gpu, pinned=frozenset({"seq_len"}))
+    # What `memplan fit MODEL --gpu GPU --seq-len SEQ --loss default --activation-offload off` computes (the flags
+    # pin them: the capacity grid plans plain steps, memplan.reports.capacity.PLAIN_STEP).
+    return fit(TrainSetup(model, seq_len=seq, loss="default", activation_offload="off"), gpu,
+               pinned=frozenset({"seq_len", "loss", "activation_offload"}))
 
 
 def test_rows_are_fits_results(rows):
