@@ -21,7 +21,6 @@ the input embedding (peft/tuners/trainable_tokens/layer.py ``TrainableTokensLaye
 
 from __future__ import annotations
 
-import difflib
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
@@ -182,6 +181,8 @@ def saved_modules(spec: ModelSpec, names: str) -> tuple[SavedModule, ...]:
             found.append(SavedModule(name, p.numel, p.numel // spec.hidden_size, spec.hidden_size, "embedding"))
         else:
             allowed = sorted(tops) + sorted(embeds)
+            import difflib  # (only for a name that is not there)
+
             close = difflib.get_close_matches(name, allowed, n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
             raise InvalidSetupError(f"--modules-to-save {name!r} is not a top-level module of {spec.name}{hint}; "

@@ -36,7 +36,6 @@ from .offload import offload_phases
 from .optimizers import resolve_optimizer
 from .precision import autocast_bytes, autocast_weight_copies
 from .runtime import ALLOCATOR_OVERHEAD_FRACTION, CUBLAS_WORKSPACE_BYTES, cuda_context_bytes
-from .init_phase import init_paths
 from .seq_shapes import sequence_shape, step_setup
 from .setup import TrainSetup, resolve_setup
 from .stack_effects import (experts_note, int8_input_copies_per_token, layout_for, matmul4bit_inputs_per_token,
@@ -70,6 +69,10 @@ def with_phases(spec: ModelSpec, e: Estimate) -> Estimate:
     (memplan.plan.init_phase) and the batch shape of a packed step or a lengths file (memplan.plan.seq_shapes)."""
     s = e.setup
     shape = sequence_shape(s) if (s.packing != "off" or s.seq_len_file) else None
+    if s.init in (None, "default"):
+        return replace(e, shape=shape)
+    from .init_phase import init_paths
+
     return replace(e, init_phase=tuple(init_paths(spec, s)), shape=shape)
 
 
@@ -84,7 +87,7 @@ def estimate_for(spec: ModelSpec, setup: TrainSetup, gpu: GPUSpec | None = None,
     f = _fixed(spec, setup)
     base = dict(f.base, cuda_context=cuda_context_bytes(gpu) if include_runtime else 0)
     # the rows and row length of the step's largest batch (packing, padding-free, a dataset's lengths)
-    step = step_setup(spec, setup)
+    step = setup if setup.packing == "off" and not setup.seq_len_file else step_setup(spec, setup)
     tokens = step.batch_size * step.seq_len
     layer_bytes = f.layer_per_token * tokens + f.layer_per_token_seq * tokens * step.seq_len + f.layer_weight_copies
     extras = f.extras_per_token * tokens + act.model_mask_bytes(spec, step) + f.top_weight_copies - f.first_layer_exempt
@@ -110,7 +113,8 @@ def estimate_for(spec: ModelSpec, setup: TrainSetup, gpu: GPUSpec | None = None,
 
     ws = CUBLAS_WORKSPACE_BYTES if include_runtime else 0
     shift = f.logits_shift_per_token if step.batch_size > 1 else 0  # a copy only past one sequence (stack_effects)
-    if gradients_held(setup):
+    held = gradients_held(setup)
+    if held:
         # The gradients of the earlier micro-batches are held through this one's forward and backward; each new
         # gradient is added in place (AccumulateGrad: ``variable.grad += new_grad``), so during backward the new
         # one is a transient, at most the lm_head's (docs/memory-model.md, "Gradient accumulation").
@@ -118,8 +122,9 @@ def estimate_for(spec: ModelSpec, setup: TrainSetup, gpu: GPUSpec | None = None,
     else:
         grads_fwd, grads_bwd, new_grad = 0, f.head_grad, 0
     # the loss over the logits (--loss: memplan.plan.loss), at forward end and at the start of backward
-    logits_fwd, logits_bwd = loss_bytes(spec, step, (f.logits_fwd_per_token + shift) * tokens,
-                                        f.logits_bwd_per_token * tokens)
+    logits_fwd, logits_bwd = (f.logits_fwd_per_token + shift) * tokens, f.logits_bwd_per_token * tokens
+    if setup.loss != "default":
+        logits_fwd, logits_bwd = loss_bytes(spec, step, logits_fwd, logits_bwd)
     # DoRA's weight-norm transient (memplan.plan.adapters) peaks inside the last layer's forward, before the
     # logits exist; under checkpointing it recurs as each layer is recomputed in backward
     # logits exist; under checkpointing it recurs as each layer is recomputed in backward. Either way the top-level
@@ -133,7 +138,7 @@ def estimate_for(spec: ModelSpec, setup: TrainSetup, gpu: GPUSpec | None = None,
     phase_dynamic = {
         "forward_end": fwd_end,
         "backward_start": (saved_all, logits_bwd, grads_bwd, ws),
-        "backward": (saved_in_backward, 0, grads_bwd + (0 if gradients_held(setup) else f.saved_head_grad),
+        "backward": (saved_in_backward, 0, grads_bwd + (0 if held else f.saved_head_grad),
                      bwd_transient + new_grad + ws),
         "backward_end": (end_activations, 0, f.grad_bytes, end_transient + ws),
         "optimizer_step": (0, 0, f.grad_bytes, f.opt_temp_bytes + ws),
@@ -141,12 +146,16 @@ def estimate_for(spec: ModelSpec, setup: TrainSetup, gpu: GPUSpec | None = None,
     notes = f.notes
     if spec.derived:  # no hand-written formula: the terms traced for this regime (memplan.plan.derived)
         phase_dynamic, derived_note = derived_dynamic(spec, step, phase_dynamic, ws=ws, grad_bytes=f.grad_bytes,
-                                                      new_grad=f.head_grad, held=gradients_held(setup))
+                                                      new_grad=f.head_grad, held=held)
         notes += (derived_note,)
     # activations kept in host memory (--activation-offload: memplan.plan.offload)
-    phase_dynamic, host_bytes, offload_notes = offload_phases(
-        spec, step, phase_dynamic, layer_bytes=layer_bytes, extras=extras, ckpt_input_bytes=ckpt_input_bytes)
-    notes += offload_notes + loss_notes(spec, step)
+    host_bytes: dict[str, int] = {}
+    if setup.activation_offload != "off":
+        phase_dynamic, host_bytes, offload_notes = offload_phases(
+            spec, step, phase_dynamic, layer_bytes=layer_bytes, extras=extras, ckpt_input_bytes=ckpt_input_bytes)
+        notes += offload_notes
+    if setup.loss != "default":
+        notes += loss_notes(spec, step)
     phases: dict[str, dict[str, int]] = {}
     for name, (activations, logits, gradients, transients) in phase_dynamic.items():
         dynamic = activations + logits + gradients + transients
@@ -210,7 +219,8 @@ def _fixed(spec: ModelSpec, setup: TrainSetup) -> _Fixed:
            setup.targets, setup.lora_dropout, setup.adapter_dtype, setup.optimizer, setup.attn,
            setup.upcast_non_quantized, setup.autocast, act.sdpa_mask_materialised(spec, setup), setup.versions,
            setup.adapter, setup.modules_to_save, setup.trainable_tokens, setup.loss, setup.packing,
-           setup.activation_offload, setup.grad_ckpt)  # (DoRA's first layer saves all under checkpointing)
+           setup.activation_offload,
+           setup.grad_ckpt if setup.adapter == "dora" else None)  # (DoRA's first layer saves all under checkpointing)
     hit = _FIXED.get(key)
     if hit is None:
         if len(_FIXED) >= _FIXED_MAX:

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from memplan.errors import InvalidSetupError
 
-from . import adapters, init_phase, loss, offload, seq_shapes
+from . import adapters, init_choice, loss, offload, seq_shapes
 
 if TYPE_CHECKING:
     from memplan.catalog.models import ModelSpec
@@ -25,7 +25,7 @@ def resolve_features(setup: TrainSetup, spec: ModelSpec, *, method: str, bits: i
         _check_derived(setup, spec)
     changes: dict = {}
     changes |= adapters.resolve_adapter(setup, spec, method=method, bits=bits, targets=targets)
-    changes |= init_phase.resolve_init(setup, spec, method=method, bits=bits)
+    changes |= init_choice.resolve_init(setup, spec, method=method, bits=bits)
     changes |= loss.resolve_loss(setup, spec, method=method)
     changes |= seq_shapes.resolve_shape(setup, spec, attn=attn)
     changes |= offload.resolve_offload(setup, spec)

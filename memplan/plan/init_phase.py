@@ -31,7 +31,6 @@ test_init_phase.py: equal within 2%).
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -39,6 +38,7 @@ from memplan.errors import InvalidSetupError
 from memplan.units import format_bytes, round_up
 
 from .dtypes import DTYPE_BYTES
+from .init_choice import INITS, NITER, check_init_name, init_config_value, resolve_init
 from .runtime import CUDA_BLOCK_BYTES
 from .init_replay import layer_replay, own_weight_bytes
 from .trainable import adapted_linears
@@ -53,8 +53,6 @@ __all__ = ["INITS", "PATHS", "InitPhase", "resolve_init", "init_phase_for", "ini
            "init_config_value",
            "SVD_SECONDS_PER_MNK", "QR_SECONDS_PER_MNK", "LOWRANK_SECONDS_PER_MNR", "QUANT_SECONDS_PER_VALUE"]
 
-INITS = ("default", "loftq", "pissa", "olora")
-_NITER = re.compile(r"^pissa_niter_([1-9][0-9]*)$")  # peft's fast PiSSA: init_lora_weights="pissa_niter_<q>"
 PATHS = ("full_precision", "kbit_model")
 _PATH_TEXT = {
     ("pissa", "full_precision"): "PiSSA on a full-precision load (peft refuses bnb weights; save the residual "
@@ -75,41 +73,6 @@ SVD_SECONDS_PER_MNK = 1.34e-10
 QR_SECONDS_PER_MNK = 3.16e-11
 LOWRANK_SECONDS_PER_MNR = 2.9e-11
 QUANT_SECONDS_PER_VALUE = 1.48e-8
-
-
-def init_config_value(setup: TrainSetup) -> str:
-    """``LoraConfig.init_lora_weights`` for the setup's init (``pissa``, ``pissa_niter_4``, ``olora``, ``loftq``)."""
-    return setup.init
-
-
-def _check_name(init: str) -> None:
-    if init not in INITS and not _NITER.match(str(init)):
-        raise InvalidSetupError(f"invalid init {init!r}; allowed: {', '.join(INITS)}, or pissa_niter_<q> "
-                                f"(peft's fast PiSSA with q subspace iterations)")
-
-
-def resolve_init(setup, spec, *, method: str, bits: int) -> dict:
-    """Check ``setup.init`` against the method, the adapter and the model's targets (nothing to fill)."""
-    _check_name(setup.init)
-    if setup.init == "default":
-        return {}
-    if method not in ("lora", "qlora"):
-        raise InvalidSetupError(f"--init {setup.init} initialises LoRA adapters; method {method!r} has none "
-                                f"(allowed with --method lora or qlora)")
-    if setup.adapter in ("ia3", "vera"):
-        raise InvalidSetupError(f"--init {setup.init} is a LoRA initialisation; --adapter {setup.adapter} has its "
-                                f"own (allowed: --adapter lora, dora, lora-fa)")
-    targets = setup.targets if setup.targets is not None else None
-    try:
-        lins = adapted_linears(spec, targets) if targets is not None else ()
-    except Exception:  # noqa: BLE001  (bad targets are reported by resolve_setup itself)
-        lins = ()
-    wrapped = [lin.name for lin in lins if lin.peft_target == "parameter"]
-    if wrapped:
-        raise InvalidSetupError(f"--init {setup.init} on {', '.join(wrapped)}: peft 0.21's ParamWrapper (fused "
-                                f"expert / router parameters) cannot decompose them; target modules only or "
-                                f"--init default")
-    return {}
 
 
 @dataclass(frozen=True)
@@ -189,7 +152,7 @@ def init_phase_for(spec: ModelSpec, setup: TrainSetup, *, path: str | None = Non
     ``path``: ``"kbit_model"`` (on the 4/8-bit model: OLoRA, replace_lora_weights_loftq) or ``"full_precision"``
     (on a float load: PiSSA, OLoRA, LoftQConfig); default: the quantized model where peft offers it.
     ``loftq_iter``: LoftQConfig.loftq_iter (peft's default 1). ``semantics="cpu"``: what a CPU run allocates."""
-    _check_name(setup.init)
+    check_init_name(setup.init)
     if setup.init == "default":
         return None
     if semantics not in ("cuda", "cpu"):
@@ -272,7 +235,7 @@ def init_phase_for(spec: ModelSpec, setup: TrainSetup, *, path: str | None = Non
 
 
 def _niter(init: str) -> int:
-    m = _NITER.match(init)
+    m = NITER.match(init)
     return int(m.group(1)) if m else 0
 
 

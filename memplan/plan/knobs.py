@@ -12,7 +12,7 @@ from dataclasses import dataclass, fields
 
 from .adapters import ADAPTERS
 from .dtypes import DTYPES
-from .init_phase import INITS
+from .init_choice import INITS
 from .loss import LOSSES
 from .offload import ACTIVATION_OFFLOADS
 from .seq_shapes import PACKINGS

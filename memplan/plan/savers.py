@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING
 from memplan.errors import InvalidSetupError
 from memplan.units import format_bytes
 
-from .init_phase import init_paths
 from .setup import resolve_setup
 
 if TYPE_CHECKING:
@@ -119,9 +118,11 @@ class InitFit:
 
 def init_fit(spec: ModelSpec, plan: Estimate, gpu: GPUSpec | None, budget: Budget) -> InitFit | None:
     """The initialisation phase of ``plan`` on the card (None for the default initialisation)."""
-    paths = tuple(init_paths(spec, plan.setup))
-    if not paths:
+    if plan.setup.init in (None, "default"):
         return None
+    from .init_phase import init_paths  # (only for --init: the replay is not a plain plan's cost)
+
+    paths = tuple(init_paths(spec, plan.setup))
     return InitFit(paths, plan.components.get("cuda_context", 0), budget.limit_bytes, plan.total_bytes)
 
 

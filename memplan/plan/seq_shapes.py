@@ -30,7 +30,6 @@ The typical step is the median, over 1,001 batches drawn by a seeded random samp
 from __future__ import annotations
 
 import os
-import random
 from bisect import bisect_left, insort
 from dataclasses import dataclass, replace
 from functools import lru_cache
@@ -243,6 +242,8 @@ def _typical(hist: tuple[tuple[int, int], ...], k: int, combine) -> int:
     for _, n in hist:
         run += n
         cum.append(run)
+    import random  # (only for a lengths file)
+
     rng = random.Random(_TYPICAL_SEED)
     draws = rng.choices(values, cum_weights=cum, k=k * _TYPICAL_DRAWS)
     per_batch = sorted(combine(draws[i * k:(i + 1) * k]) for i in range(_TYPICAL_DRAWS))
