@@ -3,6 +3,8 @@ the real step under CUDA's autocast policy (memplan.measure.autocast)."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from tests.extras import require
@@ -26,7 +28,13 @@ REGIMES = {
 }
 
 
-@pytest.mark.parametrize("model", ["opt-125m", "gpt2", pytest.param("qwen2.5-0.5b", marks=pytest.mark.slow)])
+# qwen2.5-0.5b (a grouped-query rotary model at real width) takes a minute and a half over the 16 cases; the
+# committed validation grid (reports/validation_matrix.csv, tests/measure/test_validate.py) holds every regime on
+# Qwen2.5-1.5B: it runs with MEMPLAN_FULL=1, as the other whole-catalog checks do with MEMPLAN_DERIVED_ALL=1
+FULL = pytest.mark.skipif(not os.environ.get("MEMPLAN_FULL"), reason="qwen2.5-0.5b in every regime: MEMPLAN_FULL=1")
+
+
+@pytest.mark.parametrize("model", ["opt-125m", "gpt2", pytest.param("qwen2.5-0.5b", marks=(pytest.mark.slow, FULL))])
 @pytest.mark.parametrize("regime", list(REGIMES))
 @pytest.mark.parametrize("ckpt", [False, True], ids=["no-ckpt", "ckpt"])
 def test_analytic_is_within_one_percent_of_the_simulation(model, regime, ckpt):
