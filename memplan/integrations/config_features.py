@@ -8,10 +8,11 @@ from memplan.errors import InvalidSetupError
 
 from .config_skip import SILENT, Skip
 
-__all__ = ["module_names", "token_rows", "lora_init", "peft_type", "packed", "padding_free", "liger_plugin"]
+__all__ = ["as_bool", "module_names", "token_rows", "lora_init", "peft_type", "packed", "padding_free", "liger_plugin"]
 
 
-def _bool(v) -> bool:
+def as_bool(v, raw=None) -> bool:
+    """``true`` / ``false``, as YAML or JSON gives it or as a string; anything else is an error naming it."""
     if isinstance(v, bool):
         return v
     if isinstance(v, str) and v.strip().lower() in ("true", "false"):
@@ -56,13 +57,13 @@ def peft_type(v, raw=None) -> str | Skip:
 def packed(v, raw=None) -> str | Skip:
     """TRL ``packing`` (bfd: bins + padding-free rows) and axolotl ``sample_packing``; TRL's ``packing_strategy:
     wrapped`` cuts the stream into full rows, which is what memplan plans without packing."""
-    if not _bool(v) or (raw or {}).get("packing_strategy") == "wrapped":
+    if not as_bool(v) or (raw or {}).get("packing_strategy") == "wrapped":
         return SILENT
     return "packed"
 
 
 def padding_free(v, raw=None) -> str | Skip:  # TRL's bfd packing turns padding_free on itself
-    return "padding-free" if _bool(v) and not _true_key(raw, "packing") else SILENT
+    return "padding-free" if as_bool(v) and not _true_key(raw, "packing") else SILENT
 
 
 def _true_key(raw, key: str) -> bool:

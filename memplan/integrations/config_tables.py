@@ -15,6 +15,7 @@ from memplan.errors import InvalidSetupError
 from memplan.plan.dtypes import dtype_name
 from memplan.plan.optimizers import resolve_optimizer
 
+from .config_features import as_bool as _bool
 from .config_features import liger_plugin, lora_init, module_names, packed, padding_free, peft_type, token_rows
 from .config_skip import SILENT, Skip
 
@@ -32,14 +33,6 @@ Converter = Callable[[Any, Mapping[str, Any]], Any]  # (value, the whole flatten
 
 
 # ---------------------------------------------------------------------------------------------- converters
-
-
-def _bool(v, raw=None) -> bool:
-    if isinstance(v, bool):
-        return v
-    if isinstance(v, str) and v.strip().lower() in ("true", "false"):
-        return v.strip().lower() == "true"
-    raise InvalidSetupError(f"expected true or false, got {v!r}")
 
 
 def _int(v, raw=None) -> int:

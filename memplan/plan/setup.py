@@ -103,14 +103,14 @@ class TrainSetup:
         return replace(self, **changes)
 
     def __post_init__(self):
-        # peft's target_modules is a list (a set once injected): accept it, as the comma string memplan keeps
-        if isinstance(self.targets, (list, tuple, set, frozenset)):
-            names = sorted(self.targets) if isinstance(self.targets, (set, frozenset)) else self.targets
-            object.__setattr__(self, "targets", ",".join(str(t).strip() for t in names))
-        if isinstance(self.modules_to_save, (list, tuple, set, frozenset)):
-            names = sorted(self.modules_to_save) if isinstance(self.modules_to_save, (set, frozenset)) \
-                else self.modules_to_save
-            object.__setattr__(self, "modules_to_save", ",".join(str(t).strip() for t in names) or None)
+        # peft's target_modules and modules_to_save are lists (sets once injected): accept them, as the comma
+        # strings memplan keeps
+        for name in ("targets", "modules_to_save"):
+            value = getattr(self, name)
+            if isinstance(value, (list, tuple, set, frozenset)):
+                names = sorted(value) if isinstance(value, (set, frozenset)) else value
+                text = ",".join(str(t).strip() for t in names)
+                object.__setattr__(self, name, text if name == "targets" else text or None)  # (no module: None)
 
     @property
     def trains_lora(self) -> bool:
