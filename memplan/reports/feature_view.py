@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from rich.text import Text
 
+from memplan.plan.savers import InitFit
 from memplan.units import format_bytes, format_gib
 
 if TYPE_CHECKING:
@@ -42,29 +43,31 @@ def _host_lines(e: Estimate) -> list[Text]:
                  f"(beside the GPU peak)")]
 
 
-def _init_lines(paths, context_bytes: int, training_bytes: int, budget: Budget | None) -> list[Text]:
-    if not paths:
+def _init_lines(init: InitFit | None, *, verdicts: bool) -> list[Text]:
+    """The initialisation phase's paths and the binding phase, as ``InitFit`` decides them; ``verdicts``: whether
+    each path fits the card (a card or budget was given)."""
+    if init is None:
         return []
-    lines = [Text(f"initialisation (--init {paths[0].init}) runs once before training; its own peak, CUDA context "
-                  f"included:", style="bold")]
-    for i, p in enumerate(paths):
-        total = p.gpu_peak_bytes + context_bytes
-        verdict = ""
-        if budget is not None:
-            verdict = "; fits the card" if budget.fits(total) else "; does not fit the card"
+    lines = [Text(f"initialisation (--init {init.planned.init}) runs once before training; its own peak, CUDA "
+                  f"context included:", style="bold")]
+    for i, p in enumerate(init.paths):
+        total = init.total(p)
+        verdict = ("; fits the card" if total <= init.limit_bytes else "; does not fit the card") if verdicts else ""
         lines.append(Text(f"  {'planned' if i == 0 else 'or     '} {p.path}: GPU {format_gib(total, 2)}, host "
                           f"{format_bytes(p.host_peak_bytes)}, ~{p.seconds_estimate:,.0f} s of SVD/QR on CPU "
                           f"(largest layer {p.largest_layer}){verdict}"))
-    lean = min(paths, key=lambda p: p.gpu_peak_bytes)
-    binding = "the initialisation" if lean.gpu_peak_bytes + context_bytes > training_bytes else "training"
-    lines.append(Text(f"  binding phase: {binding} (training peaks at {format_gib(training_bytes, 2)})"))
+    binding = "the initialisation" if init.binding == "initialisation" else "training"
+    lines.append(Text(f"  binding phase: {binding} (training peaks at {format_gib(init.training_bytes, 2)})"))
     return lines
 
 
 def estimate_extras(e: Estimate, budget: Budget | None = None) -> list[Text]:
     """The lines ``memplan estimate`` prints after the breakdown."""
-    return (_shape_lines(e) + _host_lines(e)
-            + _init_lines(e.init_phase, e.components.get("cuda_context", 0), e.total_bytes, budget))
+    init = None
+    if e.init_phase:
+        init = InitFit(e.init_phase, e.components.get("cuda_context", 0),
+                       budget.limit_bytes if budget is not None else 0, e.total_bytes)
+    return _shape_lines(e) + _host_lines(e) + _init_lines(init, verdicts=budget is not None)
 
 
 def fit_extras(r: FitResult) -> list[Text]:
@@ -79,7 +82,7 @@ def fit_extras(r: FitResult) -> list[Text]:
         lines += [Text(f"  {o.describe(plan)}") for o in r.savers]
     if r.init is not None:
         lines.append(Text(""))
-        lines += _init_lines(r.init.paths, r.init.context_bytes, r.init.training_bytes, r.budget)
+        lines += _init_lines(r.init, verdicts=True)
         within = r.init.within
         if within is not None and within is not r.init.planned:
             lines.append(Text(f"  the planned path does not fit; {within.path} keeps the initialisation inside the "
