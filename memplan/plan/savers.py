@@ -140,8 +140,10 @@ def _combinations(free: list[tuple[str, str, str]]) -> list[tuple[tuple[str, str
 
 def with_savers(result: FitResult, spec: ModelSpec, setup: TrainSetup, gpu: GPUSpec | None, budget: Budget,
                 pinned: frozenset[str], search: Callable[[TrainSetup, frozenset[str]], FitResult],
-                batches: list[int]) -> FitResult:
-    """``result`` with the savers searched (module docstring) and the initialisation phase added."""
+                largest: Callable[[TrainSetup, int], Estimate | None]) -> FitResult:
+    """``result`` with the savers searched (module docstring) and the initialisation phase added. ``search`` runs the
+    search with other pinned knobs; ``largest(resolved, smallest)``: the estimate at the largest micro-batch of at
+    least ``smallest`` that fits (the search's own)."""
     free = _free_savers(setup, pinned)
     if result.recommended is None and free:
         from .estimate import estimate_for
@@ -166,14 +168,14 @@ def with_savers(result: FitResult, spec: ModelSpec, setup: TrainSetup, gpu: GPUS
     plan = result.recommended
     if plan is not None:
         for field, value, what in free:
-            option = _option(spec, plan, gpu, budget, field, value, what, batches)
+            option = _option(spec, plan, gpu, field, value, what, largest)
             if option is not None:
                 options.append(option)
     return replace(result, savers=tuple(options), init=init_fit(spec, plan or result.leanest, gpu, budget))
 
 
-def _option(spec: ModelSpec, plan: Estimate, gpu: GPUSpec | None, budget: Budget, field: str, value: str,
-            what: str, batches: list[int]) -> SaverOption | None:
+def _option(spec: ModelSpec, plan: Estimate, gpu: GPUSpec | None, field: str, value: str, what: str,
+            largest: Callable[[TrainSetup, int], Estimate | None]) -> SaverOption | None:
     from .estimate import estimate_for
 
     try:
@@ -183,10 +185,5 @@ def _option(spec: ModelSpec, plan: Estimate, gpu: GPUSpec | None, budget: Budget
     same = estimate_for(spec, setup, gpu)
     if same.total_bytes >= plan.total_bytes:
         return None  # buys nothing here (the peak is elsewhere)
-    largest = None
-    for b in (b for b in batches if b >= plan.setup.batch_size):
-        e = same if b == plan.setup.batch_size else estimate_for(spec, replace(setup, batch_size=b), gpu)
-        if not budget.fits(e.total_bytes):
-            break
-        largest = e
-    return SaverOption(field, value, what, same, plan.total_bytes - same.total_bytes, largest)
+    return SaverOption(field, value, what, same, plan.total_bytes - same.total_bytes,
+                       largest(setup, plan.setup.batch_size))

@@ -79,6 +79,11 @@ def fit(setup: TrainSetup, gpu: GPUSpec | str, *, headroom: float | None = None,
                    profiles_dir=profiles_dir)
 
 
+def _batch_sizes(max_batch: int) -> list[int]:
+    """The micro-batches the search tries: powers of two up to ``max_batch``."""
+    return [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512) if b <= max_batch]
+
+
 class _Searcher:
     def __init__(self, spec: ModelSpec, gpu: GPUSpec | None, budget: Budget):
         self.spec, self.gpu, self.budget = spec, gpu, budget
@@ -176,8 +181,10 @@ def fit_for(spec: ModelSpec, setup: TrainSetup, gpu: GPUSpec | None, *, budget: 
         return _search(spec, s, gpu, budget=budget, headroom=headroom, pinned=p, max_batch=max_batch, prefer=prefer,
                        profiles_dir=profiles_dir)
 
-    batches = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512) if b <= max_batch]
-    return with_savers(search(setup, pinned), spec, setup, gpu, budget, pinned, search, batches)
+    batches = _batch_sizes(max_batch)
+    searcher = _Searcher(spec, gpu, budget)
+    return with_savers(search(setup, pinned), spec, setup, gpu, budget, pinned, search,
+                       lambda resolved, smallest: searcher.max_batch(resolved, [b for b in batches if b >= smallest]))
 
 
 def _search(spec: ModelSpec, setup: TrainSetup, gpu: GPUSpec | None, *, budget: Budget, headroom: float,
@@ -207,7 +214,7 @@ def _search(spec: ModelSpec, setup: TrainSetup, gpu: GPUSpec | None, *, budget: 
     if "batch_size" in pinned:
         batches = [setup.batch_size]
     else:
-        batches = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512) if b <= max_batch]
+        batches = _batch_sizes(max_batch)
 
     best_by_combo: list[Estimate] = []
     at_smallest_batch: list[Estimate] = []  # what ``memory`` ranks: each combination at the smallest batch
