@@ -98,10 +98,13 @@ def resolve_adapter(setup: TrainSetup, spec: ModelSpec, *, method: str, bits: in
         raise InvalidSetupError(f"--adapter lora-fa trains with peft's LoraFAOptimizer (create_lorafa_optimizer, an "
                                 f"AdamW); got --optimizer {setup.optimizer!r}, use adamw_torch")
     targets = targets if targets is not None else ",".join(spec.default_lora_targets())
-    if setup.adapter == "dora":
-        fused = [lin.name for lin in spec.resolve_targets(targets) if lin.peft_target == "parameter"]
-        if fused:  # peft 0.21 lora.ParamWrapper: "does not work with ... use_dora"
-            raise InvalidSetupError(f"DoRA cannot adapt {', '.join(fused)} (peft target_parameters); choose "
+    if setup.adapter in ("dora", "lora-fa"):
+        # peft 0.21 lora.ParamWrapper: "does not work with ... use_dora"; LoRA-FA's A/B pairs are per module, and
+        # memplan sizes a ParamWrapper's adapter as one tensor (trainable._lora_tensors), so it cannot freeze its A
+        fused = [lin.name for lin in adapted_linears(spec, targets) if lin.peft_target == "parameter"]
+        if fused:
+            name = "DoRA" if setup.adapter == "dora" else "LoRA-FA"
+            raise InvalidSetupError(f"{name} cannot adapt {', '.join(fused)} (peft target_parameters); choose "
                                     f"--targets without them")
     if setup.modules_to_save:
         saved_modules(spec, setup.modules_to_save)  # raises for a name the model does not have

@@ -105,3 +105,12 @@ def test_dora_transient_can_be_the_peak():
     outweighs the logits: the peak moves into forward."""
     est = _est(adapter="dora", targets="all-linear", batch_size=1, seq_len=256, autocast="off")
     assert est.peak_phase == "forward_end"
+
+
+@pytest.mark.parametrize("adapter, name", [("dora", "DoRA"), ("lora-fa", "LoRA-FA")])
+def test_fused_expert_parameters_refuse_dora_and_lora_fa(adapter, name):
+    """peft wraps Mixtral's router and fused experts as parameters: DoRA does not run there, and LoRA-FA's frozen A
+    has no per-module pair to freeze (before this refusal LoRA-FA's adapter silently vanished from the estimate)."""
+    spec = load_model("mixtral-8x7b-v0.1")
+    with pytest.raises(InvalidSetupError, match=f"{name} cannot adapt"):
+        resolve_setup(TrainSetup("mixtral-8x7b-v0.1", adapter=adapter, targets="all-linear", lora_dropout=0.0), spec)
