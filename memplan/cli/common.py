@@ -64,12 +64,22 @@ def add_knobs(p: argparse.ArgumentParser, *, searched: bool = False) -> None:
             kw["action"] = argparse.BooleanOptionalAction
         else:
             kw["action"] = _Once  # an argument group's add_argument is not the parser's
-            kw["type"] = knob.kind
+            kw["type"] = _gpu_count if (searched and knob.field == "gpus") else knob.kind
             if knob.choices is not None:
                 kw["choices"] = list(knob.choices)
         g.add_argument(knob.flag, **kw)
     p.add_argument("--profiles", metavar="DIR", help="catalog folder (default: MEMPLAN_PROFILES or the bundled one)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+
+
+def _gpu_count(text: str):
+    """fit's ``--gpus``: a count, or ``auto`` (the fewest cards that fit)."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid GPU count {text!r}; give an integer >= 1 or auto") from None
 
 
 def _flags(args: argparse.Namespace) -> dict:

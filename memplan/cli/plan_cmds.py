@@ -93,9 +93,12 @@ def run_estimate(args: argparse.Namespace) -> int:
 def run_fit(args: argparse.Namespace) -> int:
     from memplan.plan.search import fit
 
+    auto = args.gpus == "auto"  # the fewest cards that fit (memplan.plan.multi_fit)
+    if auto:
+        args.gpus = None
     setup, pinned, report = setup_with_configs(args)
     result = fit(setup, args.gpu, headroom=args.headroom, pinned=pinned, max_batch=args.max_batch,
-                 prefer=args.prefer, profiles_dir=args.profiles)
+                 prefer=args.prefer, profiles_dir=args.profiles, gpus_auto=auto)
     if args.json:
         print_json({**result.to_dict(), **({"config": report.to_dict()} if report else {})})
     else:

@@ -56,6 +56,7 @@ from .cuda_semantics import SIM_ATTN, CudaKernels, cuda_patches, fake_fidelity_p
 from .optimizer import make_optimizer
 from .recorder import StepRecorder
 from .step import run_steps
+from .dist_sim import fake_world, simulable, wrap_model
 from .loss_sim import check_simulable
 from .offload_sim import offload_hooks
 
@@ -133,6 +134,8 @@ def simulate_for(spec, setup: TrainSetup, gpu=None, *, steps: int = 2, device_se
         raise InvalidSetupError(f"invalid steps {steps!r}; must be an integer >= 1")
     check_installed(setup.versions, "memplan simulate")
     check_simulable(setup)  # --loss liger: a Triton kernel (memplan.measure.loss_sim)
+    if setup.strategy not in (None, "single"):
+        simulable(setup)  # several GPUs: the engines that run on fake tensors (memplan.measure.dist_sim)
     spec = layout_for(spec, setup.versions)  # the modules the installed transformers builds (Mixtral 4.x)
     t0 = time.perf_counter()
     cuda = device_semantics == "cuda"
@@ -141,6 +144,7 @@ def simulate_for(spec, setup: TrainSetup, gpu=None, *, steps: int = 2, device_se
         stack.enter_context(warnings.catch_warnings())
         warnings.simplefilter("ignore")
         stack.enter_context(_quiet_bnb_logger())
+        stack.enter_context(fake_world(setup))
         stack.enter_context(fake_fidelity_patches())
         stack.enter_context(legacy_4bit_kernels(setup))  # bitsandbytes < 0.46: fake-tensor dequantize_4bit
         if setup.adapter == "dora" and setup.bits in (4, 8):
@@ -167,13 +171,21 @@ def simulate_for(spec, setup: TrainSetup, gpu=None, *, steps: int = 2, device_se
         # (in CUDA semantics the int8 path is MatMul8bitLt: the build's CPU-path caveat does not apply)
         notes += [n for n in info.notes if not (cuda and n.startswith("int8:"))]
         stack.enter_context(info.fake_mode)
+        tracker_ref: list = [None]
+        if setup.strategy == "fsdp2":  # sharded before the recorder registers what the rank holds
+            model, engine_tracking = wrap_model(model, spec, setup, tracker_ref)
+            stack.enter_context(engine_tracking)
         rec = StepRecorder(vocab_size=spec.vocab_size, round_to=CUDA_BLOCK_BYTES if cuda else 1)
+        tracker_ref[0] = rec.tracker
         params = rec.register_model(model).param_counts()
         trainable = [p for p in model.parameters() if p.requires_grad]
         opt = make_optimizer(setup, trainable, foreach=True if cuda and _torch_optimizer(setup) else None, fake=True,
                              model=model)
         rec.watch(trainable, opt)
         stack.enter_context(rec)
+        if setup.strategy == "ddp":  # its gradient buckets are allocated as it wraps the model
+            with rec.tracker.tagged("comm_buffers"):
+                model, _ = wrap_model(model, spec, setup, tracker_ref)
         if cuda and setup.bits in (4, 8):
             kernels = CudaKernels()
             stack.enter_context(kernels)

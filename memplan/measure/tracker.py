@@ -42,8 +42,9 @@ The peak is also placed on the analytic model's phase names (``memplan.plan.brea
 flowing back through log-softmax and the lm_head), ``backward_end`` once every parameter gradient this
 backward produces exists, ``backward`` in between.
 
-Every number comes from replaying the log (``result``), so ``exclude`` can take a storage out afterwards:
-CUDA semantics uses it for what a GPU run keeps on the host (torch optimizers' ``step`` counters).
+Every number comes from replaying the log (``result``), so ``exclude`` can take a storage out afterwards (what a
+GPU run keeps on the host: torch optimizers' ``step`` counters). ``tagged`` names the category of what a block
+allocates, and ``resized`` follows an in-place ``UntypedStorage.resize_`` (FSDP2: memplan.measure.dist_sim).
 """
 
 from __future__ import annotations
@@ -71,23 +72,8 @@ _LOAD = "load"  # the phase of everything outside a ``phase()`` block
 
 
 class MemoryTracker(TorchDispatchMode):
-    """Live tensor-storage accounting (see the module docstring for the rules).
-
-    Usage::
-
-        trk = MemoryTracker(round_to=512, vocab_size=cfg.vocab_size)
-        for p in model.parameters():
-            trk.register(p, "lora_params" if p.requires_grad else "weights")
-        trk.watch_gradients(p for p in model.parameters() if p.requires_grad)
-        trk.watch_optimizer(opt)
-        with trk:
-            with trk.phase("forward"):
-                loss = model(input_ids=ids, labels=ids).loss
-            with trk.phase("backward"):
-                loss.backward()
-            ...
-        res = trk.result()
-    """
+    """Live tensor-storage accounting (see the module docstring for the rules; ``memplan.measure.recorder`` shows
+    the usage: ``register`` what exists, ``watch_gradients`` / ``watch_optimizer``, then ``phase`` blocks)."""
 
     def __init__(self, *, round_to: int = 1, vocab_size: int | None = None):
         super().__init__()
@@ -119,6 +105,7 @@ class MemoryTracker(TorchDispatchMode):
         self._optimizers: list = []
         self._exit_seq: int | None = None
         self._window_peak = 0
+        self._tag: str | None = None  # the category of storages born inside ``tagged``
 
     # ------------------------------------------------------------------ recording
 
@@ -139,6 +126,8 @@ class MemoryTracker(TorchDispatchMode):
         self._grad_on.append(torch.is_grad_enabled())
         self._lastdim.append(lastdim)
         self._live[key] = idx
+        if self._tag is not None:
+            self._cat[idx] = self._tag
         self._refs[key] = weakref.ref(st, lambda _r, key=key, idx=idx: self._release(key, idx))
         self._cur += n
         if self._cur > self._peak:
@@ -156,6 +145,7 @@ class MemoryTracker(TorchDispatchMode):
         self._cur -= self._size[idx]
 
     def _see(self, t) -> None:
+        t = getattr(t, "_local_tensor", t)  # a DTensor (FSDP2's sharded parameters): this rank's shard
         try:
             st = t.untyped_storage()
         except (RuntimeError, NotImplementedError):  # sparse / nested tensors have no plain storage
@@ -191,6 +181,24 @@ class MemoryTracker(TorchDispatchMode):
             raise ValueError(f"unknown category {category!r}; allowed: {', '.join(_REGISTERABLE)}")
         if isinstance(tensor, torch.Tensor):
             self._mark(tensor, category)
+
+    @contextmanager
+    def tagged(self, category: str):
+        """Storages born inside the block count as ``category`` (``comm_buffers``: an engine's collectives)."""
+        self._tag = category
+        try:
+            yield self
+        finally:
+            self._tag = None
+
+    def resized(self, tensor) -> None:
+        """``tensor``'s storage was just resized in place (no operator shows it): the old size dies, the new lives."""
+        st = tensor.untyped_storage()
+        idx = self._live.get(id(st))
+        if idx is not None:
+            self._release(id(st), idx)
+        if st.nbytes():
+            self._record(st, tensor.shape[-1] if tensor.dim() else 0)
 
     def exclude(self, tensor) -> None:
         """Leave a storage out of every number, retroactively: it would not be device memory on the device
@@ -260,7 +268,10 @@ class MemoryTracker(TorchDispatchMode):
                         self._mark(v, "optimizer_state")
 
     def _mark(self, t, category: str) -> None:
+        t = getattr(t, "_local_tensor", t)  # a DTensor: this rank's shard
         idx = self._record(t.untyped_storage(), t.shape[-1] if t.dim() else 0)
+        if self._cat.get(idx) == "comm_buffers" and category in ("gradients", "optimizer_state"):
+            self._cat[idx] = category  # FSDP2's reduce-scatter output becomes the sharded gradient
         self._cat.setdefault(idx, category)
 
     # ------------------------------------------------------------------ results
@@ -270,14 +281,11 @@ class MemoryTracker(TorchDispatchMode):
         if cat is not None:
             return "activations" if cat == "inputs" else cat
         phase = self._phases[self._phase_idx[i]][0]
-        vocab = self.vocab_size is not None and self._lastdim[i] == self.vocab_size
+        if phase in ("forward", "backward") and self.vocab_size is not None and self._lastdim[i] == self.vocab_size:
+            return "logits_loss"
         if phase == "forward" or (phase == "backward" and self._grad_on[i]):
-            return "logits_loss" if vocab else "activations"
-        if phase == "backward":
-            return "logits_loss" if vocab else "transients"
-        if phase == _LOAD:
-            return "weights"
-        return "transients"
+            return "activations"
+        return "weights" if phase == _LOAD else "transients"
 
     def categories(self) -> list[str]:
         """The category of every storage ever seen, in the order they were seen."""

@@ -30,6 +30,7 @@ from memplan.plan.estimate import estimate_for
 from memplan.plan.setup import TrainSetup, resolve_setup
 
 from .feature_matrix import FEATURE_KEY_DEFAULTS, FEATURE_KEYS, MATRIX_FEATURES
+from .multi_gpu_matrix import MATRIX_MULTI_GPU, MULTI_GPU_KEY_DEFAULTS, MULTI_GPU_KEYS
 
 __all__ = ["MatrixRow", "RunRow", "MATRIX_MODELS", "MATRIX_VARIATIONS", "MATRIX_SETUP_KEYS", "MATRIX_KEY_DEFAULTS",
            "matrix_setups", "compare_setup", "run_matrix", "rescore_matrix", "validate_runs"]
@@ -37,11 +38,12 @@ __all__ = ["MatrixRow", "RunRow", "MATRIX_MODELS", "MATRIX_VARIATIONS", "MATRIX_
 # The setup columns of validation_matrix.csv (written by memplan.reports.validation, read by rescore_matrix).
 MATRIX_SETUP_KEYS = ("model", "method", "bits", "quant_type", "double_quant", "dtype", "rank", "targets",
                      "lora_dropout", "optimizer", "batch_size", "seq_len", "grad_ckpt", "attn", "autocast",
-                     "upcast_non_quantized", "grad_accum", *FEATURE_KEYS)
+                     "upcast_non_quantized", "grad_accum", *FEATURE_KEYS, *MULTI_GPU_KEYS)
 # Written before the precision knobs, a matrix CSV has neither column: those runs had no autocast and the
 # default k-bit preparation; before gradient accumulation, one micro-batch per step; before the feature knobs
-# (memplan.measure.feature_matrix), plain LoRA.
-MATRIX_KEY_DEFAULTS = {"autocast": "off", "upcast_non_quantized": None, "grad_accum": 1, **FEATURE_KEY_DEFAULTS}
+# (memplan.measure.feature_matrix), plain LoRA; before several GPUs (memplan.measure.multi_gpu_matrix), one.
+MATRIX_KEY_DEFAULTS = {"autocast": "off", "upcast_non_quantized": None, "grad_accum": 1, **FEATURE_KEY_DEFAULTS,
+                       **MULTI_GPU_KEY_DEFAULTS}
 
 
 @dataclass(frozen=True)
@@ -191,7 +193,7 @@ def matrix_setups(models: Sequence[tuple[str, dict]] = MATRIX_MODELS,
                 setups.append(setup)
     if variations is MATRIX_VARIATIONS:
         names = {m for m, _ in models}
-        for model, knobs in (*MATRIX_REGRESSIONS, *MATRIX_FEATURES):
+        for model, knobs in (*MATRIX_REGRESSIONS, *MATRIX_FEATURES, *MATRIX_MULTI_GPU):
             if model in names:
                 setups.append(TrainSetup(model=model, **{"lora_dropout": 0.05, "dtype": "bf16", "autocast": "off",
                                                          "grad_ckpt": False, **knobs}))
@@ -234,7 +236,7 @@ def rescore_matrix(csv_path: str | os.PathLike, *, profiles_dir=None) -> list[Ma
     reader = csv.DictReader(io.StringIO(text, newline=""))
     needed = [*(k for k in MATRIX_SETUP_KEYS if k not in MATRIX_KEY_DEFAULTS), "architecture", "simulated_bytes",
               "simulated_phase", "sim_seconds", "error",
-              *(f"simulated_{c}" for c in COMPONENTS)]
+              *(f"simulated_{c}" for c in COMPONENTS if c != "comm_buffers")]
     missing = [k for k in needed if k not in (reader.fieldnames or ())]
     if missing:
         raise ConfigError(f"{csv_path}: not a validation matrix CSV: it lacks the column(s) "
@@ -243,7 +245,7 @@ def rescore_matrix(csv_path: str | os.PathLike, *, profiles_dir=None) -> list[Ma
     for line, rec in enumerate(reader, start=2):
         try:
             knobs = {k: rec.get(k) or MATRIX_KEY_DEFAULTS.get(k) for k in MATRIX_SETUP_KEYS}
-            for k in ("bits", "rank", "batch_size", "seq_len", "grad_accum", "trainable_tokens"):
+            for k in ("bits", "rank", "batch_size", "seq_len", "grad_accum", "trainable_tokens", "gpus", "nodes"):
                 knobs[k] = int(knobs[k])
             knobs["lora_dropout"] = float(knobs["lora_dropout"])
             for k in ("double_quant", "grad_ckpt"):
@@ -252,7 +254,7 @@ def rescore_matrix(csv_path: str | os.PathLike, *, profiles_dir=None) -> list[Ma
             setup = TrainSetup(**knobs)
             spec = load_model(setup.model, profiles_dir=profiles_dir)
             resolved = resolve_setup(setup, spec)
-            simulated = {c: int(rec[f"simulated_{c}"]) for c in COMPONENTS}
+            simulated = {c: int(rec.get(f"simulated_{c}") or 0) for c in COMPONENTS}  # (older: no comm_buffers)
             simulated_bytes, seconds = int(rec["simulated_bytes"]), float(rec["sim_seconds"])
         except (ValueError, TypeError, MemplanError) as exc:
             raise ConfigError(f"{csv_path}: line {line}: {exc}") from None

@@ -25,6 +25,9 @@ COMPONENTS = (
     "activations",  # tensors saved for backward by the layers (+ checkpoint inputs, embeddings, ids)
     "logits_loss",  # lm_head output, its fp32 upcast, log-softmax and their gradients
     "transients",  # backward temporaries, dequantized weights, optimizer step temporaries, cuBLAS workspace
+    # several GPUs (memplan.plan.distributed): FSDP's gathered layers and all-gather / reduce-scatter buffers, DDP's
+    # gradient buckets, DeepSpeed's buckets and prefetch
+    "comm_buffers",
     "cuda_context",  # driver context + kernels: visible to nvidia-smi, not to torch
     "allocator_overhead",  # caching-allocator rounding and fragmentation (reserved - allocated)
 )
@@ -41,6 +44,7 @@ COMPONENT_LABELS = {
     "activations": "activations",
     "logits_loss": "logits + loss",
     "transients": "transients",
+    "comm_buffers": "communication buffers",
     "cuda_context": "CUDA context",
     "allocator_overhead": "allocator overhead",
 }

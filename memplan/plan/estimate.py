@@ -34,6 +34,7 @@ from .dtypes import DTYPE_BYTES
 from .loss import loss_bytes, loss_notes
 from .offload import offload_phases
 from .optimizers import resolve_optimizer
+from .rank_memory import rank_phases
 from .precision import autocast_bytes, autocast_weight_copies
 from .runtime import ALLOCATOR_OVERHEAD_FRACTION, CUBLAS_WORKSPACE_BYTES, cuda_context_bytes
 from .seq_shapes import sequence_shape, step_setup
@@ -156,12 +157,20 @@ def estimate_for(spec: ModelSpec, setup: TrainSetup, gpu: GPUSpec | None = None,
         notes += offload_notes
     if setup.loss != "default":
         notes += loss_notes(spec, step)
+    if setup.strategy in (None, "single"):
+        rank_dynamic = {p: v + (0,) for p, v in phase_dynamic.items()}
+    else:  # one rank of several (memplan.plan.rank_memory): what the engine shards, and its buffers
+        base, rank_dynamic, rank_host = rank_phases(
+            spec, setup, base, phase_dynamic, grad_bytes=f.grad_bytes, head_grad=f.head_grad, held=held,
+            state_bytes=base["optimizer_state"], layer_act=ckpt_input_bytes if setup.grad_ckpt else layer_bytes,
+            trainable_values=f.params.trainable)
+        host_bytes.update(rank_host)
     phases: dict[str, dict[str, int]] = {}
-    for name, (activations, logits, gradients, transients) in phase_dynamic.items():
-        dynamic = activations + logits + gradients + transients
+    for name, (activations, logits, gradients, transients, comm) in rank_dynamic.items():
+        dynamic = activations + logits + gradients + transients + comm
         overhead = int(ALLOCATOR_OVERHEAD_FRACTION * dynamic) if include_runtime else 0
         comps = dict(base, gradients=gradients, activations=activations, logits_loss=logits, transients=transients,
-                     allocator_overhead=overhead)
+                     comm_buffers=comm, allocator_overhead=overhead)
         phases[name] = {c: comps[c] for c in COMPONENTS}
     totals = {p: sum(c.values()) for p, c in phases.items()}
     peak_phase = max(PHASES, key=totals.__getitem__)

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from memplan.errors import InvalidSetupError
 
-from . import adapters, init_choice, loss, offload, seq_shapes
+from . import adapters, distributed, init_choice, loss, offload, seq_shapes
 
 if TYPE_CHECKING:
     from memplan.catalog.models import ModelSpec
@@ -29,6 +29,7 @@ def resolve_features(setup: TrainSetup, spec: ModelSpec, *, method: str, bits: i
     changes |= loss.resolve_loss(setup, spec, method=method)
     changes |= seq_shapes.resolve_shape(setup, spec, attn=attn)
     changes |= offload.resolve_offload(setup, spec)
+    changes |= distributed.resolve_distributed(setup, spec, bits=bits)
     return changes
 
 

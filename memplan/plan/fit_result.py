@@ -71,6 +71,8 @@ class FitResult:
     savers: tuple[SaverOption, ...] = ()
     saver_needed: str | None = None  # the saver without which nothing fits
     init: InitFit | None = None  # --init loftq/pissa/olora: the initialisation's peak, its paths, the binding phase
+    # --gpus auto: the card counts tried before the one answered (memplan.plan.multi_fit); None: a given count
+    gpus_tried: tuple[int, ...] | None = None
 
     @property
     def budget_bytes(self) -> int:
@@ -119,4 +121,13 @@ class FitResult:
             "savers": [o.to_dict() for o in self.savers],
             "saver_needed": self.saver_needed,
             "init": self.init.to_dict() if self.init is not None else None,
+            "gpus": self._gpus(),
         }
+
+    def _gpus(self) -> dict:
+        """How many cards the answer is for, and for --gpus auto the counts that did not fit."""
+        plan = self.recommended or self.leanest
+        count = plan.setup.gpus * plan.setup.nodes
+        return {"count": count, "per_node": plan.setup.gpus, "nodes": plan.setup.nodes,
+                "strategy": plan.setup.strategy, "auto": self.gpus_tried is not None,
+                "tried_without_fit": list(self.gpus_tried or ())}

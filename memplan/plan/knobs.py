@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from .adapters import ADAPTERS
+from .distributed import FSDP_SHARDINGS, OFFLOADS, STRATEGIES
 from .dtypes import DTYPES
 from .init_choice import INITS
 from .loss import LOSSES
@@ -108,4 +109,14 @@ KNOBS: tuple[Knob, ...] = (
     Knob("activation_offload", "--activation-offload", "activations saved for backward kept in host memory "
          "(TRL activation_offloading, torch save_on_cpu): off, pinned, pageable (memplan.plan.offload)",
          choices=ACTIVATION_OFFLOADS, default_text="off; fit tries it when nothing else fits", searched=True),
+    Knob("gpus", "--gpus", "GPUs per node (torchrun --nproc_per_node); the estimate is one rank's memory", int),
+    Knob("nodes", "--nodes", "nodes (torchrun --nnodes)", int),
+    Knob("strategy", "--strategy", "data-parallel engine: ddp, fsdp (FSDP1), fsdp2 (fully_shard), zero1, zero2, "
+         "zero3 (DeepSpeed), single (memplan.plan.distributed)", choices=STRATEGIES,
+         default_text="single on one GPU, ddp on several", searched=True),
+    Knob("fsdp_sharding", "--fsdp-sharding", "FSDP sharding: full (FULL_SHARD), grad-op (SHARD_GRAD_OP), hybrid "
+         "(HYBRID_SHARD: within a node)", choices=FSDP_SHARDINGS, default_text="full under fsdp / fsdp2"),
+    Knob("offload", "--offload", "what the engine keeps in host memory: none, optimizer (DeepSpeed "
+         "offload_optimizer), params (parameters, gradients and optimizer: FSDP CPUOffload, ZeRO-3 offload_param)",
+         choices=OFFLOADS, searched=True),
 )

@@ -28,6 +28,8 @@ from memplan.errors import InvalidSetupError, UnknownGPUError
 from .budget import Budget, check_headroom
 from .estimate import Estimate, estimate_for
 from .fit_result import DEFAULT_MAX_BATCH, DEFAULT_PREFER, FitResult, NextStep
+from .distributed import OFFLOADS
+from .multi_fit import engine_rank, fit_fewest_gpus, search_engines
 from .savers import with_savers
 from .setup import TrainSetup, resolve_setup, sequence_limit
 from .regimes import leaner_regimes
@@ -66,8 +68,10 @@ MAX_SEQ_SEARCH = 131072
 
 
 def fit(setup: TrainSetup, gpu: GPUSpec | str, *, headroom: float | None = None, pinned: frozenset[str] = frozenset(),
-        max_batch: int = DEFAULT_MAX_BATCH, prefer: str = DEFAULT_PREFER, profiles_dir=None) -> FitResult:
-    """Search the best plan for ``setup.model`` on ``gpu``. Fields named in ``pinned`` keep ``setup``'s value."""
+        max_batch: int = DEFAULT_MAX_BATCH, prefer: str = DEFAULT_PREFER, profiles_dir=None,
+        gpus_auto: bool = False) -> FitResult:
+    """Search the best plan for ``setup.model`` on ``gpu``. Fields named in ``pinned`` keep ``setup``'s value;
+    ``gpus_auto``: on the fewest cards of ``gpu`` that fit one."""
     from memplan.catalog.gpus import as_gpu
     from memplan.catalog.models import load_model
 
@@ -76,7 +80,7 @@ def fit(setup: TrainSetup, gpu: GPUSpec | str, *, headroom: float | None = None,
     if gpu_spec is None:
         raise UnknownGPUError("fit needs a card or a budget (gpu='3090', '24GiB'), got None")
     return fit_for(spec, setup, gpu_spec, headroom=headroom, pinned=pinned, max_batch=max_batch, prefer=prefer,
-                   profiles_dir=profiles_dir)
+                   profiles_dir=profiles_dir, gpus_auto=gpus_auto)
 
 
 def _batch_sizes(max_batch: int) -> list[int]:
@@ -149,13 +153,17 @@ def _rank_key(prefer: str):
                 "optimizer": -SEARCH_OPTIMIZERS.index(s.optimizer) if s.optimizer in SEARCH_OPTIMIZERS else 0,
                 "quality_bits": _QUALITY_BITS.get(s.bits, 0),
                 "balanced_bits": _BALANCED_BITS.get(s.bits, 0),
-                "memory": -e.total_bytes}
+                "memory": -e.total_bytes,
+                "host": -OFFLOADS.index(s.offload),
+                "engine": engine_rank(s)}
 
+    # several GPUs: "host" puts a plan that keeps nothing in host memory first (offloading is the slowest way to
+    # fit), "engine" the engine that communicates least (memplan.plan.multi_fit.engine_rank)
     orders = {
-        "balanced": ("balanced_bits", "targets", "time", "rank", "batch", "optimizer"),
-        "quality": ("quality_bits", "targets", "rank", "time", "batch", "optimizer"),
-        "speed": ("time", "batch", "quality_bits", "targets", "rank", "optimizer"),
-        "memory": ("memory", "quality_bits", "targets", "rank", "time", "optimizer"),
+        "balanced": ("host", "balanced_bits", "targets", "engine", "time", "rank", "batch", "optimizer"),
+        "quality": ("quality_bits", "host", "targets", "rank", "engine", "time", "batch", "optimizer"),
+        "speed": ("host", "engine", "time", "batch", "quality_bits", "targets", "rank", "optimizer"),
+        "memory": ("memory", "quality_bits", "targets", "rank", "time", "optimizer", "host", "engine"),
     }
     order = orders[prefer]
 
@@ -168,8 +176,10 @@ def _rank_key(prefer: str):
 
 def fit_for(spec: ModelSpec, setup: TrainSetup, gpu: GPUSpec | None, *, budget: Budget | None = None,
             headroom: float | None = None, pinned: frozenset[str] = frozenset(),
-            max_batch: int = DEFAULT_MAX_BATCH, prefer: str = DEFAULT_PREFER, profiles_dir=None) -> FitResult:
-    """The search for a resolved model ``spec``. ``budget`` defaults to ``gpu``'s total minus ``headroom``;
+            max_batch: int = DEFAULT_MAX_BATCH, prefer: str = DEFAULT_PREFER, profiles_dir=None,
+            gpus_auto: bool = False) -> FitResult:
+    """The search for a resolved model ``spec``. ``gpus_auto``: the search at the fewest cards on which a plan fits
+    (``memplan.plan.multi_fit.fit_fewest_gpus``). ``budget`` defaults to ``gpu``'s total minus ``headroom``;
     ``gpu`` (a card, or None) decides the CUDA context and the dtypes and kernels the card supports;
     ``prefer`` (one of ``PREFERENCES``) what the ranking puts first. The savers the user left free and the
     initialisation phase are added by ``memplan.plan.savers``."""
@@ -183,8 +193,16 @@ def fit_for(spec: ModelSpec, setup: TrainSetup, gpu: GPUSpec | None, *, budget: 
 
     batches = _batch_sizes(max_batch)
     searcher = _Searcher(spec, gpu, budget)
-    return with_savers(search(setup, pinned), spec, setup, gpu, budget, pinned, search,
-                       lambda resolved, smallest: searcher.max_batch(resolved, [b for b in batches if b >= smallest]))
+
+    def with_free_savers(s: TrainSetup, p: frozenset[str]) -> FitResult:
+        return with_savers(search(s, p), spec, s, gpu, budget, p, search,
+                           lambda resolved, smallest: searcher.max_batch(resolved, [b for b in batches
+                                                                                    if b >= smallest]))
+
+    if not gpus_auto:
+        return with_free_savers(setup, pinned)
+    result, tried = fit_fewest_gpus(spec, setup, gpu, pinned=pinned, search=with_free_savers, budget=budget)
+    return replace(result, gpus_tried=tuple(tried))
 
 
 def _search(spec: ModelSpec, setup: TrainSetup, gpu: GPUSpec | None, *, budget: Budget, headroom: float,
@@ -211,6 +229,7 @@ def _search(spec: ModelSpec, setup: TrainSetup, gpu: GPUSpec | None, *, budget: 
     target_values = (None,) if full else pick("targets", dict.fromkeys((default_targets, "all-linear")))
     ckpt_values = pick("grad_ckpt", (False, True))
     opt_values = pick("optimizer", SEARCH_OPTIMIZERS)
+    engines = search_engines(setup, pinned)  # several GPUs: (strategy, offload) pairs (memplan.plan.multi_fit)
     if "batch_size" in pinned:
         batches = [setup.batch_size]
     else:
@@ -225,9 +244,10 @@ def _search(spec: ModelSpec, setup: TrainSetup, gpu: GPUSpec | None, *, budget: 
         for rank in rank_values:
             for targets in target_values:
                 for ckpt in ckpt_values:
-                    for opt in opt_values:
+                    for opt, (strategy, offload) in ((o, e) for o in opt_values for e in engines):
                         candidate = replace(setup, method=method, bits=bits, rank=rank, targets=targets,
-                                            grad_ckpt=ckpt, optimizer=opt, batch_size=batches[0])
+                                            grad_ckpt=ckpt, optimizer=opt, batch_size=batches[0],
+                                            strategy=strategy, offload=offload)
                         try:
                             resolved = resolve_setup(candidate, spec, gpu)
                             at_one = s.est(resolved)

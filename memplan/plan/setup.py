@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 from memplan.errors import InvalidSetupError
 
 from .attention import sdpa_supported
+from .distributed import describe_distributed
 from .dtypes import DTYPES
 from .features import resolve_features
 from .optimizers import resolve_optimizer
@@ -94,6 +95,12 @@ class TrainSetup:
     packing: str = "off"  # off, packed, padding-free (memplan.plan.seq_shapes)
     seq_len_file: str | None = None  # the dataset's sequence lengths (memplan.plan.seq_shapes)
     activation_offload: str | None = None  # off, pinned, pageable (memplan.plan.offload); None: off, fit may pick
+    # Several GPUs (memplan.plan.distributed): the setup is then one rank's, and its estimate that rank's memory.
+    gpus: int = 1  # GPUs per node (torchrun --nproc_per_node)
+    nodes: int = 1
+    strategy: str | None = None  # single, ddp, fsdp, fsdp2, zero1, zero2, zero3; None: ddp on several GPUs
+    fsdp_sharding: str | None = None  # full, grad-op, hybrid (FSDP only); None: full
+    offload: str = "none"  # none, optimizer, params: what FSDP / DeepSpeed keep in host memory
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -168,6 +175,8 @@ def describe_setup(setup: TrainSetup) -> str:
         (f"{s.packing} sequences", s.packing not in (None, "off")), (f"lengths {s.seq_len_file}", bool(s.seq_len_file)),
         (f"loss {s.loss}", s.loss not in (None, "default")),
         (f"activation offload {s.activation_offload}", s.activation_offload not in (None, "off"))) if on)
+    ranks = describe_distributed(s)
+    extras += f", on {ranks}" if ranks else ""
     return f"{weights} {adapter}, {batch}, seq {s.seq_len}, {ckpt}, {s.optimizer}, {s.attn}, {precision}{extras}"
 
 
@@ -202,7 +211,8 @@ _FIELD_TYPES = {"model": str, "method": str, "bits": int, "quant_type": str, "do
                 "attn": str, "upcast_non_quantized": bool, "autocast": str, "grad_accum": int,
                 "allow_long_context": bool, "gpu": str, "versions": str, "adapter": str, "rslora": bool,
                 "loraplus_lr_ratio": (int, float), "modules_to_save": str, "trainable_tokens": int, "init": str,
-                "loss": str, "packing": str, "seq_len_file": str, "activation_offload": str}
+                "loss": str, "packing": str, "seq_len_file": str, "activation_offload": str,
+                "gpus": int, "nodes": int, "strategy": str, "fsdp_sharding": str, "offload": str}
 _TYPE_NAMES = {str: "a string", int: "an integer", bool: "true or false", (int, float): "a number"}
 
 

@@ -35,12 +35,28 @@ def _shape_lines(e: Estimate) -> list[Text]:
     return lines
 
 
+_HOST_CAUSES = {"activation_offload": "offloaded activations", "parameters": "parameter shards",
+                "gradients": "gradients", "optimizer_state": "optimizer state (fp32 master + moments)"}
+
+
 def _host_lines(e: Estimate) -> list[Text]:
+    """Host RAM by cause, per rank and, on several GPUs, per node (memplan.plan.offload, rank_memory)."""
+    lines: list[Text] = []
+    s = e.setup
+    if s.strategy not in (None, "single"):
+        lines.append(Text(f"one rank of {s.gpus * s.nodes} ({s.gpus} per node x {s.nodes} node"
+                          f"{'s' if s.nodes > 1 else ''}): each GPU needs this peak; each rank runs its own "
+                          f"micro-batch of {s.batch_size}", style="dim"))
     if not e.host_bytes:
-        return []
-    kind = "pinned" if e.setup.activation_offload == "pinned" else "pageable"
-    return [Text(f"host memory: {format_bytes(sum(e.host_bytes.values()))} of {kind} RAM for offloaded activations "
-                 f"(beside the GPU peak)")]
+        return lines
+    total = sum(e.host_bytes.values())
+    causes = ", ".join(f"{_HOST_CAUSES.get(k, k)} {format_bytes(v)}" for k, v in e.host_bytes.items() if v)
+    node = f"; {format_bytes(total * s.gpus)} per node of {s.gpus}" if s.gpus > 1 else ""
+    kind = "pageable" if s.activation_offload == "pageable" and set(e.host_bytes) == {"activation_offload"} \
+        else "pinned"
+    per = " per rank" if s.strategy not in (None, "single") else ""
+    lines.append(Text(f"host memory: {format_bytes(total)} of {kind} RAM{per} ({causes}){node}, beside the GPU peak"))
+    return lines
 
 
 def _init_lines(init: InitFit | None, *, verdicts: bool) -> list[Text]:
