@@ -70,7 +70,8 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--models", nargs="+", default=None, metavar="MODEL",
                    help=f"catalog models, comma- or space-separated (default: {','.join(DEFAULT_MODELS)})")
     p.add_argument("--gpus", nargs="+", default=None, metavar="GPU",
-                   help=f"catalog cards or aliases (default: {','.join(DEFAULT_GPUS)})")
+                   help=f"catalog cards or aliases; NxCARD (2x4090, 8xh100) plans N of them, one rank each "
+                        f"(default: {','.join(DEFAULT_GPUS)})")
     p.add_argument("--seq-len", type=_seq_lens_arg, default=None, metavar="N[,N...]",
                    help="sequence lengths (default: 512,2048)")
     p.add_argument("--format", type=_formats_arg, default=["md"], metavar="md[,html]",
@@ -93,7 +94,7 @@ def _run_capacity(args) -> int:
     import shlex
     import time
 
-    from memplan.reports.capacity import capacity_rows
+    from memplan.reports.capacity import capacity_rows, card_count
     from memplan.reports.capacity_docs import write_capacity_report
 
     from memplan.catalog.gpus import load_gpu
@@ -108,7 +109,7 @@ def _run_capacity(args) -> int:
     for name in models + ([args.curve_model] if args.curve_model else []):
         load_model(name, profiles_dir=args.profiles)
     for name in gpus:
-        load_gpu(name, profiles_dir=args.profiles)
+        load_gpu(card_count(name)[1], profiles_dir=args.profiles)
     check_headroom(args.headroom)
     from memplan.plan.versions import resolve_versions
     resolve_versions(args.versions)  # a bad --versions is reported before the report extra is needed

@@ -15,6 +15,7 @@ from memplan.errors import InvalidSetupError
 from memplan.plan.dtypes import dtype_name
 from memplan.plan.optimizers import resolve_optimizer
 
+from .config_distributed import DISTRIBUTED_KEYS
 from .config_features import as_bool as _bool
 from .config_features import liger_plugin, lora_init, module_names, packed, padding_free, peft_type, token_rows
 from .config_skip import SILENT, Skip
@@ -22,10 +23,10 @@ from .config_skip import SILENT, Skip
 __all__ = ["FORMATS", "FORMAT_NAMES", "Skip", "TABLES", "EXCLUSIVE", "NESTED", "AXOLOTL_MARKERS", "TRL_MARKERS",
            "TA_MARKERS", "ACCELERATE_MARKERS"]
 
-FORMATS = ("training_args", "axolotl", "trl", "peft", "bnb", "accelerate")
+FORMATS = ("training_args", "axolotl", "trl", "peft", "bnb", "accelerate", "deepspeed")
 FORMAT_NAMES = ("transformers TrainingArguments JSON (to_json_string), TRL SFTConfig JSON / YAML, peft "
-                 "adapter_config.json (LoRA), bitsandbytes BitsAndBytesConfig JSON, axolotl YAML and accelerate "
-                 "config YAML")
+                 "adapter_config.json (LoRA), bitsandbytes BitsAndBytesConfig JSON, axolotl YAML, accelerate "
+                 "config YAML and DeepSpeed config JSON")
 
 
 _SILENT = SILENT
@@ -164,10 +165,6 @@ def _note(reason: str, when: Callable[[Any, Mapping], bool] = lambda v, raw: boo
     return lambda v, raw: Skip("note", reason) if when(v, raw) else _SILENT
 
 
-def _more_than_one(v, raw) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and v > 1
-
-
 def _ckpt_kwargs(v, raw):
     """transformers 5 ``activation_checkpointing_kwargs``: ``every_n_layers`` > 1 and ``offload`` change the
     saved activations; ``use_reentrant`` and the rest do not."""
@@ -188,8 +185,6 @@ def _eval_batch(train_key: str) -> Converter:
     return conv
 
 
-_DEEPSPEED = _warn("DeepSpeed ZeRO sharding/offload is NOT modelled: the estimate is one GPU holding everything")
-_FSDP = _warn("FSDP sharding is NOT modelled: the estimate is one GPU holding everything")
 _COMPILE = _warn("torch.compile changes activation memory (fusion, CUDA graphs); not modelled")
 
 
@@ -210,8 +205,7 @@ _TRAINING_ARGS: dict[str, tuple[str | None, Converter]] = {
     "activation_checkpointing_kwargs": (None, _ckpt_kwargs),
     "gradient_accumulation_steps": ("grad_accum", _int),
     "per_device_eval_batch_size": (None, _eval_batch("per_device_train_batch_size")),
-    "deepspeed": (None, _DEEPSPEED),
-    "fsdp": (None, _FSDP),
+    **DISTRIBUTED_KEYS["training_args"],  # fsdp, fsdp_config, deepspeed: config_distributed reads them
     "parallelism_config": (None, _warn("parallelism (tensor / context parallel) is not modelled")),
     "torch_compile": (None, _COMPILE),
     "use_liger_kernel": ("loss", _true_gives("liger")),
@@ -335,10 +329,7 @@ _AXOLOTL: dict[str, tuple[str | None, Converter]] = {
     "eval_batch_size": (None, _eval_batch("micro_batch_size")),
     "group_by_length": (None, _note("batches grouped by length: the peak is still the longest batch")),
     "auto_find_batch_size": (None, _note("the Trainer halves the batch after an out-of-memory error")),
-    "deepspeed": (None, _DEEPSPEED),
-    "fsdp": (None, _FSDP),
-    "fsdp_config": (None, _warn("FSDP sharding is NOT modelled: the estimate is one GPU holding everything",
-                                lambda v, raw: bool(v) and not raw.get("fsdp"))),  # FSDP2 configs set only this
+    **DISTRIBUTED_KEYS["axolotl"],  # deepspeed, fsdp, fsdp_config, fsdp_version: read by config_distributed
     "torch_compile": (None, _COMPILE),
     "lora_modules_to_save": ("modules_to_save", module_names),
     "peft_use_dora": ("adapter", _true_gives("dora")),
@@ -354,17 +345,14 @@ _AXOLOTL: dict[str, tuple[str | None, Converter]] = {
 }
 
 # accelerate's config file (``accelerate config`` -> default_config.yaml; accelerate/commands/config/
-# config_args.py ``ClusterConfig``): the precision, and what memplan does not model.
+# config_args.py ``ClusterConfig``): the precision; the rest is read by config_distributed.
 _ACCELERATE: dict[str, tuple[str | None, Converter]] = {
     "mixed_precision": ("autocast", _mixed_precision),
-    "num_processes": (None, _warn("more than one process (data parallel): memplan plans one GPU's share of a "
-                                  "replicated model", _more_than_one)),
-    "distributed_type": (None, _warn("sharded training (FSDP / DeepSpeed) is not modelled: the estimate is one GPU "
-                                     "holding everything", lambda v, raw: str(v).upper() in ("FSDP", "DEEPSPEED")))}
+    **DISTRIBUTED_KEYS["accelerate"]}  # GPUs, nodes, FSDP / DeepSpeed: read by config_distributed
 
 TABLES: dict[str, dict[str, tuple[str | None, Converter]]] = {
     "training_args": _TRAINING_ARGS, "trl": _TRL, "peft": _PEFT, "bnb": _BNB, "axolotl": _AXOLOTL,
-    "accelerate": _ACCELERATE}
+    "accelerate": _ACCELERATE, "deepspeed": DISTRIBUTED_KEYS["deepspeed"]}
 
 # Keys that cannot both be on (compared without dotted prefix or leading "_"): InvalidSetupError rather than
 # "the later key wins".

@@ -1,12 +1,14 @@
 """Plan from the training config files users already have: transformers ``TrainingArguments`` JSON, TRL
-``SFTConfig`` JSON / YAML, peft ``adapter_config.json``, a bitsandbytes ``BitsAndBytesConfig`` and axolotl YAML.
+``SFTConfig`` JSON / YAML, peft ``adapter_config.json``, a bitsandbytes ``BitsAndBytesConfig``, axolotl YAML,
+an accelerate config YAML and a DeepSpeed config JSON.
 
 ``load_training_config`` reads one file, recognises its format by content (not by extension) and maps every key
 that changes training memory onto ``TrainSetup`` fields through the format's table
-(``memplan.integrations.config_tables``). Keys that matter for memory but that memplan does not model are
-reported in ``ignored`` with a reason, as a warning or a note. ``merge_configs`` layers several files and then
-the command-line flags with ``merge_layers``, memplan's one rule for combining sources (``preflight`` uses it
-too). Pure standard library: pyyaml is imported only when a YAML file is read.
+(``memplan.integrations.config_tables``), then the multi-GPU keys (``config_distributed``). Keys that matter for
+memory but that memplan does not model are reported in ``ignored`` with a reason, as a warning or a note.
+``merge_configs`` layers several files and then the command-line flags with ``merge_layers``, memplan's one rule
+for combining sources (``preflight`` uses it too). Pure standard library: pyyaml is imported only when a YAML file
+is read.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from memplan.errors import ConfigError, InvalidSetupError, NoModelError
 from memplan.fileio import read_text
 from memplan.plan.setup import TrainSetup
 
+from .config_distributed import DEEPSPEED_MARKERS, apply_distributed
 from .config_tables import (ACCELERATE_MARKERS, AXOLOTL_MARKERS, EXCLUSIVE, FORMAT_NAMES, FORMATS, NESTED,
                             TA_MARKERS, TABLES, TRL_MARKERS, Skip)
 
@@ -137,6 +140,8 @@ def _detect(raw: Mapping) -> str | None:
         return "axolotl"
     if keys & TRL_MARKERS:
         return "trl"
+    if keys & DEEPSPEED_MARKERS:
+        return "deepspeed"
     if keys & {"per_device_train_batch_size", "optim"} or len(keys & TA_MARKERS) >= 2:
         return "training_args"
     if len(keys & ACCELERATE_MARKERS) >= 2:
@@ -149,7 +154,8 @@ def load_training_config(path: str | Path) -> TrainingConfig:
 
     Args:
         path: a TrainingArguments / TRL JSON, a TRL or axolotl YAML, a peft adapter_config.json (or the adapter
-            folder holding it) or a BitsAndBytesConfig JSON. The format is recognised by content.
+            folder holding it), a BitsAndBytesConfig JSON, an accelerate config YAML or a DeepSpeed config JSON.
+            The format is recognised by content.
 
     Returns:
         The ``TrainingConfig``: fields set, keys used, keys ignored with a reason, warnings and notes.
@@ -166,13 +172,16 @@ def load_training_config(path: str | Path) -> TrainingConfig:
             raise ConfigError(f"{p}: a model config.json (model_type {raw['model_type']!r}); pass it as MODEL or "
                               f"--model, not --config")
         raise ConfigError(f"{p}: not a training config memplan recognises; it reads {FORMAT_NAMES}")
-    return map_training_config(raw, fmt, source=str(path), hand_written=hand_written)
+    return map_training_config(raw, fmt, source=str(path), hand_written=hand_written,
+                               base_dir=p if p.is_dir() else p.parent)
 
 
-def map_training_config(raw: Mapping[str, Any], fmt: str, *, source: str, hand_written: bool = False) -> TrainingConfig:
+def map_training_config(raw: Mapping[str, Any], fmt: str, *, source: str, hand_written: bool = False,
+                        base_dir: str | Path | None = None) -> TrainingConfig:
     """Map one config's values (a parsed file, or ``to_dict()`` of a ``TrainingArguments`` / ``LoraConfig`` /
     ``BitsAndBytesConfig`` object: ``memplan.preflight`` uses this) of format ``fmt`` (one of ``FORMATS``) onto
-    ``TrainSetup`` fields. ``source`` names it in messages; ``hand_written`` turns on the misspelt-key check."""
+    ``TrainSetup`` fields. ``source`` names it in messages; ``hand_written`` turns on the misspelt-key check;
+    ``base_dir`` is where a relative path it names (a DeepSpeed JSON) is looked for before the working directory."""
     if fmt not in TABLES:
         raise ConfigError(f"{source}: unknown config format {fmt!r}; allowed: {', '.join(FORMATS)}")
     p = source
@@ -211,6 +220,9 @@ def map_training_config(raw: Mapping[str, Any], fmt: str, *, source: str, hand_w
             used = [u for u in used if u[0] != prev]
         fields[field], origin[field] = out, key
         used.append((key, value, field))
+    # GPUs, nodes, FSDP / DeepSpeed: keys that span each other and other files (memplan.integrations.config_distributed)
+    apply_distributed(fmt, raw, source=p, base_dir=base_dir, fields=fields, origin={f: (k, flat[k]) for f, k in
+                      origin.items()}, used=used, ignored=ignored, warnings=warnings, notes=notes)
     if fmt == "axolotl":
         _axolotl_post(flat, fields, used, ignored, warnings, notes)
     if fields.get("method") == "qlora" and fields.get("bits") not in (None, 4):

@@ -72,12 +72,16 @@ def _fsdp_phases(spec, setup, base, phases, *, grad_bytes, head_grad, held, stat
     def share(b: int) -> int:
         return ceil_div(b, n)
 
-    rank_base["optimizer_state"] = share(state_bytes)
+    # gradients and optimizer state follow their parameters' shards (each its own allocation, rounded)
+    trainable_r = sum(v for c, v in u.sharded(n).items() if c == "lora_params") if setup.method != "full" \
+        else sum(u.sharded(n).values())
+    scale = trainable_r / grad_bytes if grad_bytes else 1 / n
+    rank_base["optimizer_state"] = int(state_bytes * scale)
     layer, root = u.gathered("layer"), u.gathered("root")
     layer_flat, root_flat = u.flat("layer"), u.flat("root")
     if setup.strategy == "fsdp":  # FSDP1 gathers into the unit's own flat parameter: no second buffer
         layer_flat = root_flat = 0
-    grads_r = share(grad_bytes)
+    grads_r = int(grad_bytes * scale)
     held_r = grads_r if held else 0  # FSDP reduce-scatters every micro-batch into the sharded gradients
     # what stays gathered behind the layer in flight: every earlier layer under grad-op, none under full
     behind = (u.num_layers - 1) * layer if setup.fsdp_sharding == "grad-op" else 0
@@ -92,11 +96,11 @@ def _fsdp_phases(spec, setup, base, phases, *, grad_bytes, head_grad, held, stat
             # the last layer's copy-out: the previous layer's buffer is freed only once it returns
             (act_f - layer_act, 0, held_r, 0, root + behind + 2 * layer_flat + layer),
             # the logits and loss, the last layer's buffer kept for the next copy-out
-            (act_f, logits_f, held_r, trans_f, root + behind + layer + layer_flat - layer
-             if setup.fsdp_sharding == "grad-op" else root + layer_flat)],
+            (act_f, logits_f, held_r, trans_f, root + (behind + layer if behind else 0) + layer_flat)],
         "backward_start": [
             # the loss gradient through the logits, the last layer's gather prefetched
-            (act_s, logits_s, held_r + head_grad, trans_s, root + behind + layer_flat
+            # (the lm_head's gradient comes after the logits' ones are freed: memplan simulate, full fine-tuning)
+            (act_s, logits_s, held_r, trans_s, root + behind + layer_flat
              if setup.fsdp_sharding != "grad-op" else root + u.num_layers * layer)],
         "backward": [
             # the layer in flight and the next one's gather

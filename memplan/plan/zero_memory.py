@@ -29,7 +29,8 @@ from memplan.units import ceil_div, round_up
 from .distributed import world_size
 from .dtypes import DTYPE_BYTES
 from .runtime import CUDA_BLOCK_BYTES
-from .shard_units import STATIC_SHARDED, fsdp_units
+from .shard_units import fsdp_units
+from .weights import float_weight_bytes
 
 if TYPE_CHECKING:
     from memplan.catalog.models import ModelSpec
@@ -45,74 +46,135 @@ def reduce_bucket_values(spec: ModelSpec) -> int:
 
 
 def prefetch_bucket_values(spec: ModelSpec) -> int:
+    """``stage3_prefetch_bucket_size``, ``auto``: 0.9 x hidden_size^2."""
     return int(0.9 * spec.hidden_size * spec.hidden_size)
 
 
 def persistence_threshold(spec: ModelSpec) -> int:
+    """``stage3_param_persistence_threshold``, ``auto``: 10 x hidden_size values."""
     return 10 * spec.hidden_size
+
+
+# DeepSpeed's defaults the Trainer does not fill (runtime/zero/config.py): parameters reused within this many
+# values of the recorded trace stay gathered (max_reuse_distance), and at most this many are gathered at once
+# (max_live_parameters).
+MAX_REUSE_VALUES = 1_000_000_000
+MAX_LIVE_VALUES = 1_000_000_000
+
+
+def _tensors(spec: ModelSpec, setup: TrainSetup, hb: int) -> tuple[list, list]:
+    """Every parameter tensor of the layer and of the root as (values, bytes in the engine's dtype, component,
+    trainable): the engine casts every float parameter to its dtype; packed 4-bit weights keep their bytes."""
+    u = fsdp_units(spec, setup)
+    fb, ab = float_weight_bytes(setup), DTYPE_BYTES[setup.adapter_dtype]
+
+    def conv(items):
+        out = []
+        for b, comp in items:
+            if comp == "quantized_weights":
+                out.append((b, b, comp, False))
+            else:
+                values = b // (ab if comp == "lora_params" else fb)
+                out.append((values, values * hb, comp, comp == "lora_params" or setup.method == "full"))
+        return out
+
+    return conv(u.layer), conv(u.root)
 
 
 def zero_phases(spec: ModelSpec, setup: TrainSetup, base: dict, phases: dict, *, grad_bytes: int,
                 state_bytes: int, trainable_values: int) -> tuple[dict, dict, dict]:
     """The rank's static components, per-phase (activations, logits, gradients, transients, comm) and host bytes
-    (module docstring)."""
+    (module docstring; docs/multi-gpu.md has each buffer with its DeepSpeed source line)."""
     n = world_size(setup)
     stage = int(setup.strategy[-1])
-    half = setup.dtype in ("bf16", "fp16")
-    hb = DTYPE_BYTES[setup.dtype] if half else 4  # the engine's parameter and gradient dtype
-    part = ceil_div(trainable_values, n)  # this rank's partition of the trainable values
-    rank_base = dict(base)
-    # the engine casts the trainable parameters to its dtype (LoRA's fp32 adapters included)
-    trainable_bytes = trainable_values * hb
-    if setup.method != "full":
-        rank_base["lora_params"] = trainable_bytes
-    master = part * 4 if half else 0  # fp32 master partition
-    # optimizer state of the partition, in fp32 (the state memplan sizes for the adapter dtype, rescaled)
-    state_per_value = state_bytes / max(1, trainable_values * DTYPE_BYTES[setup.adapter_dtype]
-                                        if setup.method != "full" else trainable_values * hb)
-    state = int(state_per_value * (4 if setup.method != "full" else hb) * part) if state_bytes else 0
-    rank_base["optimizer_state"] = master + state
-    grads_full = trainable_values * hb
-    grads_part = part * hb
-    bucket = round_up(min(reduce_bucket_values(spec), trainable_values) * hb, CUDA_BLOCK_BYTES)
-    step_grad = part * 4  # the partition's gradient in fp32 for the step
-    comm = 0
-    if stage == 3:
-        u = fsdp_units(spec, setup)
-        threshold = persistence_threshold(spec) * max(1, u.layer[0][0] // max(1, u.layer[0][0]))
-        sharded = {}
-        for tensors, mult in ((u.layer, u.num_layers), (u.root, 1)):
-            for b, comp in tensors:
-                values = b // (hb if comp != "quantized_weights" else 1)
-                keep = b if values < persistence_threshold(spec) else round_up(ceil_div(b, n), CUDA_BLOCK_BYTES)
-                sharded[comp] = sharded.get(comp, 0) + mult * keep
-        del threshold
-        for comp in STATIC_SHARDED:
-            if comp != "lora_params" or setup.method == "full":
-                rank_base[comp] = sharded.get(comp, 0)
-        rank_base["lora_params"] = round_up(ceil_div(trainable_bytes, n), CUDA_BLOCK_BYTES) \
-            if setup.method != "full" else rank_base["lora_params"]
-        layer = u.gathered("layer")
-        comm = max(2 * layer, layer + min(prefetch_bucket_values(spec) * hb, layer))
-    grads_bwd = grads_full if stage == 1 else grads_part
-    comm_bwd = comm + (bucket if stage >= 2 else 0)
+    hb = DTYPE_BYTES[setup.dtype] if setup.dtype in ("bf16", "fp16") else 4  # the engine's dtype
+    layer, root = _tensors(spec, setup, hb)
+    L = spec.num_layers
+    p_values = trainable_values
+    # optimizer state per trainable value, in fp32 (memplan's optimizer model: 8 B for Adam)
+    own_bytes = grad_bytes / max(1, p_values)  # (bytes per value of memplan's trainable dtype)
+    state_per_value = state_bytes / max(1, p_values) * (4 / own_bytes if own_bytes else 1)
+    R = reduce_bucket_values(spec)
+    biggest = max((v for v, _, _, t in layer + root if t), default=0)
+    rank = dict(base)
     host: dict[str, int] = {}
-    if setup.offload in ("optimizer", "params"):
-        host = {"optimizer_state": rank_base["optimizer_state"], "gradients": step_grad}
-        rank_base["optimizer_state"] = 0
-        step_grad = 0
-    if setup.offload == "params":
-        host["parameters"] = sum(rank_base[c] for c in ("weights", "quantized_weights", "lora_params"))
-        for c in ("weights", "quantized_weights", "lora_params"):
-            rank_base[c] = 0
+
+    def blk(b: float) -> int:
+        return round_up(int(b), CUDA_BLOCK_BYTES)
+
+    if stage in (1, 2):
+        p_pad = ceil_div(p_values, 2 * n) * 2 * n  # flatten_dense_tensors_aligned (alignment 2 x n)
+        part = p_pad // n
+        frozen = sum(blk(b) * (L if i < len(layer) else 1) for i, (_, b, c, t) in enumerate(layer + root)
+                     if not t and c == "weights")
+        flat = blk(p_pad * hb)  # bit16_groups_flat: every trainable parameter, on every rank
+        rank["weights"] = frozen + (flat if setup.method == "full" else 0)
+        rank["lora_params"] = flat if setup.method != "full" else 0
+        master_state = blk(part * 4) + blk(part * 4) * round(state_per_value / 4)
+        grads_bwd = p_values * hb if stage == 1 else part * hb  # ZeRO-1 keeps the autograd gradients
+        comm_bwd = blk(R * hb) + blk(min(p_values, R + biggest) * hb)  # the bucket and its flattened copy
+        step_grads = part * hb + (part * 4 if hb != 4 else 0)
+        if setup.offload == "optimizer":
+            host = {"optimizer_state": master_state, "gradients": part * 4, "parameters": part * hb + biggest * hb}
+            rank["optimizer_state"] = 0
+            comm_bwd += blk(biggest * hb)  # temp_grad_buffer_for_gpu_offload
+            step_grads = 0
+        else:
+            rank["optimizer_state"] = master_state
+        comm_fwd = comm_bwd - blk(R * hb) - blk(min(p_values, R + biggest) * hb) if setup.offload == "none" \
+            else blk(biggest * hb)
+    else:
+        threshold = persistence_threshold(spec)
+        parts: dict[str, int] = {}
+        p_part = 0
+        for items, mult in ((layer, L), (root, 1)):
+            for values, b, comp, trains in items:
+                shard = blk(ceil_div(b, n)) + (blk(b) if values <= threshold else 0)  # (+ persistent: whole)
+                key = "quantized_weights" if comp == "quantized_weights" else \
+                    ("lora_params" if comp == "lora_params" else "weights")
+                parts[key] = parts.get(key, 0) + mult * shard
+                p_part += mult * ceil_div(values, n) if trains else 0
+        for comp in ("weights", "quantized_weights", "lora_params"):
+            rank[comp] = parts.get(comp, 0)
+        master_state = blk(p_part * 4) * (1 + round(state_per_value / 4))
+        grads_bwd = blk(p_part * hb)  # grad_partitions_flat_buffer, kept
+        bucket = blk(R * hb)  # allocated at init, kept
+        # gathered in flight: the tail of the model reused within max_reuse_distance stays gathered from forward
+        # into backward (the lm_head, then the last layers), plus one layer being gathered (its flat all-gather
+        # buffer and the per-parameter copies)
+        gathered_layer = sum(blk(b) for v, b, _, _ in layer if v > threshold)
+        big_root = sum(blk(b) for v, b, c, _ in root if v > threshold)
+        head = big_root if spec.tie_word_embeddings else big_root // 2  # the lm_head (the embedding's twin)
+        kept, used = head, 2 * head // hb
+        for _ in range(L):
+            if used + 2 * gathered_layer // hb > MAX_REUSE_VALUES or (kept + gathered_layer) // hb > MAX_LIVE_VALUES:
+                break
+            kept += gathered_layer
+            used += 2 * gathered_layer // hb
+        rs_copy = blk(min(p_part * n, R) * hb)  # reduce-scatter's interleaved copy of the bucket
+        comm_fwd = bucket + max(kept, gathered_layer) + gathered_layer
+        comm_bwd = bucket + kept + gathered_layer + rs_copy
+        step_grads = p_part * hb + (p_part * 4 if hb != 4 else 0)
+        rank["optimizer_state"] = master_state
+        if setup.offload in ("optimizer", "params"):
+            host = {"optimizer_state": master_state, "gradients": p_part * 4 + grads_bwd}
+            rank["optimizer_state"], grads_bwd, step_grads = 0, 0, 0
+        if setup.offload == "params":
+            moved = blk(p_part * hb) + sum(mult * blk(ceil_div(b, n)) for items, mult in ((layer, L), (root, 1))
+                                           for v, b, c, t in items if not t and v > threshold)
+            host["parameters"] = moved
+            rank["weights"] = max(0, rank["weights"] + rank["quantized_weights"] + rank["lora_params"] - moved)
+            rank["quantized_weights"] = rank["lora_params"] = 0
+        comm_fwd, comm_bwd = comm_fwd, comm_bwd
     out = {}
     for p, (act, logits, grads, trans) in phases.items():
-        if p in ("forward_end",):
-            out[p] = (act, logits, 0 if grads == 0 else grads_bwd, trans, comm)
-        elif p in ("backward_start", "backward"):
-            out[p] = (act, logits, grads_bwd if grads and grads >= grad_bytes else 0, trans, comm_bwd)
-        elif p == "backward_end":
-            out[p] = (act, logits, grads_bwd, trans, comm_bwd)
-        else:  # the step: the fp32 partition gradient, the step's temporaries over the partition
-            out[p] = (0, 0, grads_bwd + step_grad, ceil_div(trans, n) if setup.offload == "none" else 0, 0)
-    return rank_base, out, host
+        if p == "optimizer_step":
+            temps = ceil_div(trans, n) if setup.offload == "none" else 0
+            # (kept: ZeRO-3's bucket; ZeRO-1/2 with offload, the device staging buffer of the largest gradient)
+            out[p] = (0, 0, (grads_bwd if stage == 3 else 0) + step_grads, temps, bucket if stage == 3 else comm_fwd)
+        elif p == "forward_end":
+            out[p] = (act, logits, grads_bwd if stage == 3 else 0, trans, comm_fwd)
+        else:
+            out[p] = (act, logits, grads_bwd if (stage == 3 or p == "backward_end" or stage == 1) else
+                      (part * hb if p != "backward_start" else 0), trans, comm_bwd)
+    return rank, out, host

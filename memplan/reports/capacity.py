@@ -16,10 +16,12 @@ from pathlib import Path
 
 from memplan.errors import InvalidSetupError, MemplanError
 from memplan.plan.breakdown import COMPONENTS
+from memplan.plan.multi_fit import MAX_AUTO_GPUS
 
 __all__ = ["CapacityRow", "CurvePoint", "DEFAULT_MODELS", "DEFAULT_GPUS", "DEFAULT_SEQ_LENS", "FORMATS",
            "FITS", "NO_FIT", "NOT_APPLICABLE", "CSV_COLUMNS", "ReportDependencyError", "capacity_rows",
-           "capacity_frame", "peak_curves", "measured_runs", "require", "targets_short"]
+           "capacity_frame", "peak_curves", "measured_runs", "require", "targets_short", "card_count",
+           "card_order"]
 
 # Popular open models from 1B to 70B (catalog ids, `memplan models`), smallest first.
 DEFAULT_MODELS = ("llama-3.2-1b", "llama-3.2-3b", "mistral-7b-v0.1", "llama-3.1-8b", "llama-2-13b-hf",
@@ -74,6 +76,9 @@ class CapacityRow:
     reason: str | None = None  # why the cell is n/a
     notes: str | None = None  # the estimate's caveats, "; "-joined (e.g. LLM.int8 not yet calibrated on a GPU)
     versions: str | None = None  # the library stack planned for (setup.versions, memplan.plan.versions)
+    gpu_count: int = 1  # cards of the kind ("2x4090": 2), each rank's peak within one card
+    strategy: str | None = None  # the engine the plan runs on several cards (memplan.plan.distributed)
+    offload: str | None = None  # what that engine keeps in host memory
     # Breakdown of the plan (or, when nothing fits, of the leanest plan): COMPONENTS -> bytes.
     components: dict[str, int] = field(default_factory=dict, hash=False, repr=False)
 
@@ -89,6 +94,11 @@ CSV_COLUMNS = _SCALAR_FIELDS + tuple(f"{c}_bytes" for c in COMPONENTS)
 _INT_COLUMNS = ("model_params", "seq_len", "gpu_total_bytes", "usable_bytes", "budget_bytes", "bits", "rank",
                 "batch_size", "peak_bytes", "headroom_left_bytes", "max_seq_len_batch1", "leanest_peak_bytes",
                 *(f"{c}_bytes" for c in COMPONENTS))
+
+
+def card_order(r: CapacityRow) -> tuple:
+    """How columns of cards sort: smaller cards first; one card before two of it before eight."""
+    return r.gpu_total_bytes, r.gpu_id.split("x-", 1)[-1] if r.gpu_count > 1 else r.gpu_id, r.gpu_count
 
 
 def _quant_label(setup) -> str:
@@ -108,16 +118,32 @@ def _check_seq_len(value) -> int:
     return value
 
 
+def card_count(text: str) -> tuple[int, str]:
+    """``2x4090`` / ``8xh100`` / ``4090``: (how many cards, the card's name)."""
+    import re
+
+    m = re.fullmatch(r"\s*(\d+)\s*[x×]\s*(\S.*)", str(text))
+    if not m:
+        return 1, text
+    count = int(m.group(1))
+    if not 1 <= count <= MAX_AUTO_GPUS:
+        raise InvalidSetupError(f"invalid card count {count} in {text!r}; allowed: 1 to {MAX_AUTO_GPUS}")
+    return count, m.group(2)
+
+
 def _fit_row(spec, gpu, seq_len: int, headroom: float, labels: dict[str, str], profiles_dir,
-             prefer: str, versions: str | None = None) -> CapacityRow:
+             prefer: str, versions: str | None = None, count: int = 1) -> CapacityRow:
     from memplan.plan.budget import Budget
+    from memplan.plan.multi_fit import split_gpus
     from memplan.plan.search import fit_for
     from memplan.plan.setup import TrainSetup, sequence_limit
 
     budget = Budget.for_gpu(gpu, headroom)
-    base = dict(model=spec.name, model_params=spec.total_params(), gpu=gpu.label, gpu_id=gpu.id, seq_len=seq_len,
+    label, gpu_id = (gpu.label, gpu.id) if count == 1 else (f"{count}x {gpu.label}", f"{count}x-{gpu.id}")
+    base = dict(model=spec.name, model_params=spec.total_params(), gpu=label, gpu_id=gpu_id, seq_len=seq_len,
                 gpu_total_bytes=gpu.total_bytes, usable_bytes=budget.usable_bytes, budget_bytes=budget.limit_bytes,
-                prefer=prefer, versions=versions)
+                prefer=prefer, versions=versions, gpu_count=count)
+    per_node, nodes = split_gpus(count)
     limit = sequence_limit(spec)  # fit refuses these too; the cell gets a short reason
     if limit and seq_len > limit:
         return CapacityRow(status=NOT_APPLICABLE, reason=f"max {limit:,} tokens (trained context)",
@@ -126,8 +152,9 @@ def _fit_row(spec, gpu, seq_len: int, headroom: float, labels: dict[str, str], p
         # Same call as `memplan fit MODEL --gpu GPU --seq-len N --loss default --activation-offload off --prefer P`
         # (the flags pin them): a cell is a plain training step, as its columns say; the savers fit would add
         # (memplan.plan.savers) are for one model and card at a time.
-        r = fit_for(spec, TrainSetup(spec.name, seq_len=seq_len, versions=versions, **PLAIN_STEP), gpu,
-                    headroom=headroom, pinned=frozenset({"seq_len", *PLAIN_STEP}), prefer=prefer,
+        r = fit_for(spec, TrainSetup(spec.name, seq_len=seq_len, versions=versions, gpus=per_node, nodes=nodes,
+                                     **PLAIN_STEP), gpu,
+                    headroom=headroom, pinned=frozenset({"seq_len", "gpus", "nodes", *PLAIN_STEP}), prefer=prefer,
                     profiles_dir=profiles_dir)
     except InvalidSetupError as exc:  # e.g. an architecture that cannot run on this card at all
         return CapacityRow(status=NOT_APPLICABLE, reason=str(exc), **base)
@@ -140,7 +167,8 @@ def _fit_row(spec, gpu, seq_len: int, headroom: float, labels: dict[str, str], p
                        batch_size=s.batch_size, grad_ckpt=s.grad_ckpt, optimizer=s.optimizer,
                        peak_bytes=e.total_bytes, headroom_left_bytes=r.budget_bytes - e.total_bytes,
                        peak_phase=e.peak_phase, max_seq_len_batch1=r.max_seq_len_batch1,
-                       notes="; ".join(e.notes) or None, components=dict(e.components), **base)
+                       notes="; ".join(e.notes) or None, components=dict(e.components),
+                       strategy=s.strategy if count > 1 else None, offload=s.offload if count > 1 else None, **base)
 
 
 def capacity_rows(models: Sequence[str], gpus: Sequence[str], seq_lens: Sequence[int], *, profiles_dir=None,
@@ -151,7 +179,7 @@ def capacity_rows(models: Sequence[str], gpus: Sequence[str], seq_lens: Sequence
 
     Args:
         models: catalog names (or config.json paths) as ``memplan fit`` takes them.
-        gpus: catalog cards, aliases or budgets (``24GiB``).
+        gpus: catalog cards, aliases or budgets (``24GiB``); ``2x4090`` plans two of them (one rank each).
         seq_lens: tokens per sequence; a length beyond a model's ``max_position_embeddings`` gives an
             ``n/a`` row, not an error.
         profiles_dir: another catalog folder.
@@ -175,7 +203,9 @@ def capacity_rows(models: Sequence[str], gpus: Sequence[str], seq_lens: Sequence
             raise InvalidSetupError(f"a capacity report needs at least one of {what}, got none")
     seqs = list(dict.fromkeys(_check_seq_len(s) for s in seq_lens))
     specs = list({spec.name: spec for spec in (load_model(m, profiles_dir=profiles_dir) for m in models)}.values())
-    cards = list({g.id: g for g in (load_gpu(g, profiles_dir=profiles_dir) for g in gpus)}.values())
+    counted = [card_count(g) for g in gpus]  # "2x4090": two cards per plan, each rank within one
+    cards = list({(n, g.id): (n, g) for n, g in ((n, load_gpu(name, profiles_dir=profiles_dir))
+                                                 for n, name in counted)}.values())
     headroom = check_headroom(headroom)  # before the grid turns a bad value into n/a cells
     from memplan.plan.versions import resolve_versions
     versions = resolve_versions(versions)  # a bad --versions fails here, not as n/a cells
@@ -183,12 +213,12 @@ def capacity_rows(models: Sequence[str], gpus: Sequence[str], seq_lens: Sequence
     if prefer not in PREFERENCES:
         raise InvalidSetupError(f"invalid preference {prefer!r}; allowed: {', '.join(PREFERENCES)}")
     labels = {g.name: g.label for g in list_gpus(profiles_dir=profiles_dir)}
-    cells = [(seq, spec, gpu) for seq in seqs for spec in specs for gpu in cards]
+    cells = [(seq, spec, count, gpu) for seq in seqs for spec in specs for count, gpu in cards]
     rows = []
-    for seq, spec, gpu in cells:
-        rows.append(_fit_row(spec, gpu, seq, headroom, labels, profiles_dir, prefer, versions))
+    for seq, spec, count, gpu in cells:
+        rows.append(_fit_row(spec, gpu, seq, headroom, labels, profiles_dir, prefer, versions, count))
         if progress is not None:
-            progress(len(rows), len(cells), f"{spec.name} on {gpu.label} at {seq:,} tokens")
+            progress(len(rows), len(cells), f"{spec.name} on {rows[-1].gpu} at {seq:,} tokens")
     return rows
 
 

@@ -13,8 +13,8 @@ from memplan.errors import InvalidSetupError
 from memplan.fileio import write_atomic
 from memplan.units import GiB
 
-from .capacity import (CSV_COLUMNS, FITS, FORMATS, NO_FIT, NOT_APPLICABLE, CapacityRow, measured_runs, require,
-                       targets_short)
+from .capacity import (CSV_COLUMNS, FITS, FORMATS, NO_FIT, NOT_APPLICABLE, CapacityRow, card_order, measured_runs,
+                       require, targets_short)
 from .capacity_plots import BITS_COLOURS, Figure, draw, figures
 
 __all__ = ["markdown", "html", "write_capacity_report", "capacity_files"]
@@ -33,6 +33,8 @@ def _cell(r: CapacityRow) -> str:
         parts = [f"{r.bits}b", f"r{r.rank}", targets_short(r.targets), f"×{r.batch_size}"]
         parts += ["ckpt"] if r.grad_ckpt else []
         parts.append(_OPT_SHORT.get(r.optimizer, r.optimizer))  # "" for the default, torch AdamW
+        if r.gpu_count > 1:  # the engine, and what it offloads (memplan.plan.distributed)
+            parts.append(r.strategy + ("" if r.offload in (None, "none") else f"+{r.offload}-offload"))
         return " ".join(p for p in parts if p)
     if r.status == NO_FIT:
         return f"— (needs {r.smallest_gpu})" if r.smallest_gpu else "— (fits no catalog card)"
@@ -41,7 +43,10 @@ def _cell(r: CapacityRow) -> str:
 
 def _note(r: CapacityRow) -> str:
     if r.status == FITS:
-        return f"longest sequence at batch 1: {r.max_seq_len_batch1:,}" if r.max_seq_len_batch1 else ""
+        engine = (f"{r.gpu_count} ranks under {r.strategy}" + ("" if r.offload in (None, "none") else
+                                                               f", {r.offload} in host memory") + "; "
+                  if r.gpu_count > 1 else "")
+        return engine + (f"longest sequence at batch 1: {r.max_seq_len_batch1:,}" if r.max_seq_len_batch1 else "")
     if r.status == NO_FIT:
         where = f"smallest card that holds it: {r.smallest_gpu}" if r.smallest_gpu else "no catalog card holds it"
         return f"nothing fits; the leanest plan needs {_gib(r.leanest_peak_bytes)} GiB; {where}"
@@ -51,7 +56,7 @@ def _note(r: CapacityRow) -> str:
 def _matrix_table(at_seq: list[CapacityRow]) -> tuple[list[str], list[list[tuple[str, int | None]]], list[str]]:
     """Header, rows of (cell text, bits or None for the colour), and the row labels, for one sequence length."""
     models = sorted(dict.fromkeys(r.model for r in at_seq), key=lambda m: _params(at_seq)[m])
-    cards = sorted({r.gpu_id: r for r in at_seq}.values(), key=lambda r: (r.gpu_total_bytes, r.gpu))
+    cards = sorted({r.gpu_id: r for r in at_seq}.values(), key=card_order)
     by = {(r.model, r.gpu_id): r for r in at_seq}
     header = ["model"] + [f"{c.gpu} ({c.gpu_total_bytes / GiB:.0f} GiB)" for c in cards]
     body = [[(_cell(by[m, c.gpu_id]), by[m, c.gpu_id].bits if by[m, c.gpu_id].status == FITS else None)
@@ -72,7 +77,7 @@ _NUMERIC = ("bits", "rank", "batch", "peak GiB", "headroom GiB")
 def _detail_rows(at_seq: list[CapacityRow]) -> list[list[str]]:
     params = _params(at_seq)
     out = []
-    for r in sorted(at_seq, key=lambda r: (params[r.model], r.gpu_total_bytes, r.gpu)):
+    for r in sorted(at_seq, key=lambda r: (params[r.model], *card_order(r))):
         if r.status == FITS:
             plan = [str(r.bits), r.quant, str(r.rank), r.targets, str(r.batch_size), "yes" if r.grad_ckpt else "no",
                     r.optimizer, _gib(r.peak_bytes), _gib(r.headroom_left_bytes)]

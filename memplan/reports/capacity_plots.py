@@ -1,9 +1,8 @@
 """The figures of the capacity report: a heat map of the best plan per model x card, a stacked breakdown of the
 chosen plans on one card, and peak-memory curves against batch size and sequence length. ``figures`` says what
 to draw from ``memplan.reports.capacity``'s rows; ``draw`` draws one. matplotlib (the ``report`` extra) is
-imported inside the functions, with the Agg backend; every PNG is written atomically through
-``memplan.fileio.write_atomic``. GiB = 2**30 bytes on every axis.
-"""
+imported inside the functions, with the Agg backend; every PNG is written atomically (``fileio.write_atomic``).
+GiB = 2**30 bytes on every axis."""
 
 from __future__ import annotations
 
@@ -18,7 +17,7 @@ from memplan.fileio import write_atomic
 from memplan.plan.breakdown import COMPONENT_LABELS, COMPONENTS
 from memplan.units import GiB
 
-from .capacity import FITS, NO_FIT, CapacityRow, peak_curves, targets_short
+from .capacity import FITS, NO_FIT, CapacityRow, card_order, peak_curves, targets_short
 
 __all__ = ["Figure", "figures", "draw", "BITS_COLOURS", "Exit", "PanelFit", "curve_limits", "curve_series",
            "exit_x", "panel_fit", "spread", "LABEL_GAP"]
@@ -31,7 +30,7 @@ _BITS_TEXT = {16: "white", 8: "black", 4: "black", "no-fit": "#333333", "n/a": "
 # One colour per breakdown component (COMPONENTS order), Okabe-Ito first, then muted tab20 shades.
 _COMPONENT_COLOURS = dict(zip(COMPONENTS, (
     "#0072B2", "#56B4E9", "#9ecae1", "#009E73", "#8c6d31", "#E69F00", "#D55E00", "#CC79A7", "#F0E442",
-    "#555555", "#bbbbbb")))
+    "#882255", "#555555", "#bbbbbb")))  # (comm_buffers: wine, before the runtime greys)
 _RC = {"font.size": 10, "axes.titlesize": 13, "axes.labelsize": 11, "xtick.labelsize": 9.5, "ytick.labelsize": 9.5,
        "legend.fontsize": 9, "axes.spines.top": False, "axes.spines.right": False}
 
@@ -57,12 +56,13 @@ def draw(fig: Figure) -> None:
 
 
 def _short_plan(r: CapacityRow) -> tuple[str, str]:
-    """Two lines for a heat-map cell or a bar: ``4b ×8`` and ``r64 all-lin ckpt``."""
+    """Two lines for a heat-map cell or a bar: ``4b ×8`` and ``r64 all-lin ckpt`` (+ the engine on several cards)."""
     if r.status == FITS:
         targets = "all-lin" if r.targets == "all-linear" else targets_short(r.targets)
         extra = " ckpt" if r.grad_ckpt else ""
         extra += {"adamw_bnb_8bit": " adam8", "paged_adamw_8bit": " paged8"}.get(r.optimizer, "")
-        return f"{r.bits}b ×{r.batch_size}", f"r{r.rank} {targets}{extra}"
+        engine = f"\n{r.strategy}{' + offload' if r.offload not in (None, 'none') else ''}" if r.gpu_count > 1 else ""
+        return f"{r.bits}b ×{r.batch_size}", f"r{r.rank} {targets}{extra}{engine}"
     if r.status == NO_FIT:
         return "—", f"needs {r.smallest_gpu}" if r.smallest_gpu else "fits no card"
     return "n/a", "seq too long"
@@ -76,7 +76,7 @@ def _order(rows: list[CapacityRow]) -> tuple[list[str], list[CapacityRow]]:
     """Models by size, cards (one row each) by memory."""
     params = {r.model: r.model_params for r in rows}
     models = sorted(params, key=params.__getitem__)
-    cards = sorted({r.gpu_id: r for r in rows}.values(), key=lambda r: (r.gpu_total_bytes, r.gpu))
+    cards = sorted({r.gpu_id: r for r in rows}.values(), key=card_order)
     return models, cards
 
 
