@@ -16,8 +16,9 @@ What cannot run here, and why (``simulable``):
 - ``fsdp`` (FSDP1): ``FullyShardedDataParallel`` refuses a CPU module ("FSDP needs a non-CPU accelerator
   device", torch/distributed/fsdp/_init_utils.py ``_init_device_handle``), and fake CUDA tensors cannot run a
   backward pass without a GPU (docs/memory-model.md, "How simulate builds a model").
-- ``zero1/2/3`` (DeepSpeed): see ``DEEPSPEED_FAKE`` (checked by real gloo processes instead:
-  ``benchmarks/zero_gloo.py``).
+- ``zero1/2/3`` (DeepSpeed): see ``DEEPSPEED_FAKE``. Four patches get past those (engine
+  ``dont_change_device``, and the three checks), which memplan does not ship yet; the ZeRO model is checked
+  with real gloo processes instead (``benchmarks/zero_gloo.py``).
 - ``offload`` on FSDP: the CPU simulation's device is the host, so the copies FSDP makes between them are no-ops
   and what lives where cannot be told apart.
 """
@@ -38,8 +39,9 @@ if TYPE_CHECKING:
 
 __all__ = ["simulable", "fake_world", "wrap_model", "DEEPSPEED_FAKE"]
 
-DEEPSPEED_FAKE = ("DeepSpeed cannot run on fake tensors: its engine moves the module to the accelerator and builds "
-                  "its flat buffers with real storage")
+DEEPSPEED_FAKE = ("memplan does not run DeepSpeed on fake tensors: its engine calls module.to(device), which torch "
+                  "refuses for fake parameters (swap_tensors), and its overflow and norm checks read values "
+                  "(.item())")
 
 
 def simulable(setup: TrainSetup) -> None:

@@ -37,12 +37,13 @@ STATUSES = ("compared", "oom_ok", "oom_missed", "fits_ok", "fits_missed", "skipp
 MAPPING_COLUMNS = ("id", "framework", "model", "method", "bits", "quant_type", "double_quant", "dtype", "rank",
                    "targets", "optimizer", "batch_size", "grad_accum", "seq_len", "grad_ckpt", "attn", "autocast",
                    "upcast_non_quantized", "adapter_dtype", "gpu", "versions", "loss", "activation_offload",
-                   "compare_as", "context_gib", "skip", "assumptions")
+                   "compare_as", "context_gib", "skip", "assumptions", "gpus", "nodes", "strategy", "fsdp_sharding",
+                   "offload")
 _COMPARE_AS = ("alloc", "reserved", "nvml", "fit")
-_INT_FIELDS = ("bits", "rank", "batch_size", "grad_accum", "seq_len")
+_INT_FIELDS = ("bits", "rank", "batch_size", "grad_accum", "seq_len", "gpus", "nodes")
 _BOOL_FIELDS = ("double_quant", "grad_ckpt", "upcast_non_quantized")
 _STR_FIELDS = ("method", "quant_type", "dtype", "targets", "optimizer", "attn", "autocast", "adapter_dtype",
-               "versions", "loss", "activation_offload")
+               "versions", "loss", "activation_offload", "strategy", "fsdp_sharding", "offload")
 
 
 @dataclass(frozen=True)

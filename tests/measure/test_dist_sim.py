@@ -70,7 +70,7 @@ def test_fsdp2_shards_shrink_with_the_ranks(tiny):
 
 @pytest.mark.parametrize("knobs, why", [
     ({"strategy": "fsdp"}, "FullyShardedDataParallel refuses a CPU module"),
-    ({"strategy": "zero3"}, "DeepSpeed cannot run on fake tensors"),
+    ({"strategy": "zero3"}, "memplan does not run DeepSpeed on fake tensors"),
     ({"strategy": "fsdp2", "offload": "params"}, "the device is the host"),
 ])
 def test_what_cannot_be_simulated_says_why(tiny, knobs, why):
