@@ -91,6 +91,9 @@ def fit_extras(r: FitResult) -> list[Text]:
     and the initialisation phase."""
     lines: list[Text] = []
     plan = r.recommended
+    if plan is not None and plan.setup.strategy not in (None, "single"):
+        lines.append(Text(""))
+        lines += _host_lines(plan)
     if r.saver_needed and plan is not None:
         lines.append(Text(f"\nFits only with {r.saver_needed}: without it nothing fits.", style="bold yellow"))
     if r.savers and plan is not None:

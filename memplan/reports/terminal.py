@@ -106,9 +106,19 @@ def _plan_bits(s) -> str:
 
 
 def fit_view(r: FitResult) -> Group:
-    parts: list = [Text(f"{r.model} on {r.gpu.label}: {r.budget.describe(source=False)}", style="bold"),
-                   _versions_line((r.recommended or r.leanest).setup),
+    shown = (r.recommended or r.leanest).setup
+    count = shown.gpus * shown.nodes
+    cards = f"{count} x {r.gpu.label}" if count > 1 or r.gpus_tried is not None else r.gpu.label
+    per_card = " per card" if count > 1 else ""
+    parts: list = [Text(f"{r.model} on {cards}: {r.budget.describe(source=False)}{per_card}", style="bold"),
+                   _versions_line(shown),
                    Text(f"Every peak includes the {format_gib(r.budget.context_bytes, 2)} CUDA context.")]
+    if r.gpus_tried is not None:  # --gpus auto (memplan.plan.multi_fit)
+        tried = ", ".join(str(n) for n in r.gpus_tried)
+        parts.append(Text(f"--gpus auto: {count} {'cards are' if count > 1 else 'card is'} the fewest with a plan"
+                          + (f" (tried without one: {tried})" if tried else "")
+                          if r.recommended is not None else f"--gpus auto: no plan up to {count} cards",
+                          style="bold"))
     if r.recommended is None:
         lean = r.leanest
         parts.append(Text(
@@ -134,18 +144,23 @@ def fit_view(r: FitResult) -> Group:
 
     # one space between columns: ten columns with paged_adamw_8bit fit 80 columns without folding
     alt = Table(title="Alternatives", title_justify="left", box=None, pad_edge=False, padding=(0, 1, 0, 0))
+    # several cards: the engine (and what it offloads) in place of the step time, which does not model it
+    last = "engine" if count > 1 else "time"
     for col, justify in (("", "left"), ("bits", "left"), ("rank", "right"), ("targets", "left"),
                          ("batch", "right"), ("ckpt", "left"), ("optimizer", "left"), ("peak", "right"),
-                         ("spare", "right"), ("time", "right")):
+                         ("spare", "right"), (last, "right")):
         alt.add_column(col, justify=justify, overflow="fold")
     for e in (rec, *r.alternatives):
         s = e.setup
+        tail = (s.strategy + ("" if s.offload == "none" else f"+{s.offload[:3]}") if count > 1
+                else f"{step_time(s).factor:.2f}x")
         alt.add_row("*" if e is rec else "", _plan_bits(s), "-" if s.method == "full" else str(s.rank),
                     s.targets or "all (full)", str(s.batch_size), "yes" if s.grad_ckpt else "no", s.optimizer,
-                    _gib(e.total_bytes), _gib(-r.budget.shortfall(e.total_bytes)), f"{step_time(s).factor:.2f}x",
+                    _gib(e.total_bytes), _gib(-r.budget.shortfall(e.total_bytes)), tail,
                     style="green" if e is rec else None)
-    parts += [alt, Text("* recommended; peak, spare in GiB; time: step time vs 16-bit, no checkpointing",
-                        style="dim")]
+    legend = ("engine: +opt / +par = optimizer / parameters in host memory" if count > 1
+              else "time: step time vs 16-bit, no checkpointing")
+    parts += [alt, Text(f"* recommended; peak, spare in GiB per card; {legend}", style="dim")]
     nb = r.next_batch
     if nb is not None:
         b, need = nb.estimate.setup.batch_size, format_gib(nb.estimate.total_bytes, 2)
