@@ -63,6 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(argv)
     args = parser.parse_args(argv)
+    args.argv = argv  # (profile --gpus N relaunches itself with them)
     if not getattr(args, "func", None):  # no subcommand: the help is the answer, on stderr (not a result)
         parser.print_help(sys.stderr)
         return 2

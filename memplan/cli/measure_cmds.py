@@ -128,6 +128,23 @@ def run_profile(args: argparse.Namespace) -> int:
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
     check_profile_args(device, args.steps, args.memory_fraction, budget)
+    resolved = resolve_setup(setup, load_model(setup.model, profiles_dir=args.profiles))
+    from memplan.measure.dist_profile import launch_ranks, launched
+
+    if resolved.gpus * resolved.nodes > 1 and launched() is None:  # launch one process per rank (torchrun)
+        if args.sweep:
+            from memplan.errors import InvalidSetupError
+
+            raise InvalidSetupError("--sweep profiles one GPU; give --gpus 1, or one --batch-size per launch")
+        records = launch_ranks(resolved, list(args.argv)[args.argv.index("profile") + 1:], out)
+        if args.json:
+            print_json([r.to_dict() for r in records])
+            return 0
+        from memplan.reports.terminal import runs_view
+
+        console().print(runs_view(records, out))
+        return 0 if all(r.outcome == "ok" for r in records) else 1
+
     kw = dict(device=device, steps=args.steps, gpu_memory_fraction=args.memory_fraction,
               tensor_budget_bytes=budget, profiles_dir=args.profiles)
     control = RunControl(say=lambda text: sys.stderr.write(f"memplan profile: {text}\n"))
@@ -176,6 +193,8 @@ def run_profile(args: argparse.Namespace) -> int:
     if error is not None:
         raise error
     records = result["records"]
+    if launched() is not None:  # one rank of a launch: its parent prints every rank's record
+        return 0 if all(r.outcome == "ok" for r in records) else 1
     if args.json:
         print_json([r.to_dict() for r in records])
         return 0

@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 
     from .tracker import MemoryTracker
 
-__all__ = ["simulable", "fake_world", "wrap_model", "DEEPSPEED_FAKE"]
+__all__ = ["simulable", "fake_world", "wrap_model", "fully_shard_layers", "fsdp2_tracking", "DEEPSPEED_FAKE"]
 
 DEEPSPEED_FAKE = ("memplan does not run DeepSpeed on fake tensors: its engine calls module.to(device), which torch "
                   "refuses for fake parameters (swap_tensors), and its overflow and norm checks read values "
@@ -96,11 +96,7 @@ def wrap_model(model, spec, setup: TrainSetup, tracker_ref: list):
     if setup.strategy == "ddp":
         return _ddp(model), contextlib.nullcontext()
     if setup.strategy == "fsdp2":
-        tracking = contextlib.ExitStack()
-        tracking.enter_context(_fsdp2_tracking(tracker_ref))
-        if setup.bits == 4:
-            tracking.enter_context(_quant_state_from_module())
-        return _fsdp2(model, spec, setup), tracking
+        return fully_shard_layers(model, spec, setup), fsdp2_tracking(tracker_ref, setup)
     return model, contextlib.nullcontext()
 
 
@@ -140,7 +136,9 @@ class _KeepBuckets:
         return getattr(self._reducer, name)
 
 
-def _fsdp2(model, spec, setup: TrainSetup):
+def fully_shard_layers(model, spec, setup: TrainSetup, device_type: str = "cpu"):
+    """``fully_shard`` on every decoder layer, then the root, on a mesh of the setup's ranks (``device_type``:
+    "cpu" for the fake group and gloo, "cuda" for NCCL)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -148,9 +146,9 @@ def _fsdp2(model, spec, setup: TrainSetup):
 
     with unset_fake_temporarily():  # the mesh holds real rank numbers
         if setup.fsdp_sharding == "hybrid":
-            mesh = init_device_mesh("cpu", (setup.nodes, setup.gpus), mesh_dim_names=("replicate", "shard"))
+            mesh = init_device_mesh(device_type, (setup.nodes, setup.gpus), mesh_dim_names=("replicate", "shard"))
         else:
-            mesh = init_device_mesh("cpu", (world_size(setup),))
+            mesh = init_device_mesh(device_type, (world_size(setup),))
     reshard = setup.fsdp_sharding != "grad-op"
     for layer in _decoder_layers(model, spec):
         fully_shard(layer, mesh=mesh, reshard_after_forward=reshard)
@@ -177,6 +175,16 @@ def _quant_state_from_module():
         yield
     finally:
         modules.fix_4bit_weight_quant_state_from_module = original
+
+
+def fsdp2_tracking(tracker_ref: list, setup: TrainSetup) -> contextlib.ExitStack:
+    """What a tracked FSDP2 rank needs: its storage resizes told to the tracker, its buffers tagged, and (4-bit)
+    the gathered weights' quantization state."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(_fsdp2_tracking(tracker_ref))
+    if setup.bits == 4:
+        stack.enter_context(_quant_state_from_module())
+    return stack
 
 
 @contextlib.contextmanager

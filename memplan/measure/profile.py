@@ -19,6 +19,7 @@ Heavy imports (torch, transformers, peft, bitsandbytes, pynvml) happen inside th
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import threading
@@ -180,6 +181,7 @@ def profile_run(setup, *, device: str = "cpu", steps: int = 3, gpu_memory_fracti
     from .nvml import NvmlReader, NvmlSampler, measure_cuda_context, paged_count
     from .optimizer import make_optimizer
     from .recorder import StepRecorder, is_oom_error, keep_warnings, record_failure
+    from .dist_profile import check_profilable, ddp_wrap, launched, local_device, rank_group, record_rank, wrap_rank
     from .step import run_steps
 
     record = RunRecord(outcome="ok", setup=resolved.to_dict(), device=device, steps=steps)
@@ -193,6 +195,12 @@ def profile_run(setup, *, device: str = "cpu", steps: int = 3, gpu_memory_fracti
     context: dict = {}
     rec = model = opt = trainable = None
     interrupted: BaseException | None = None
+    ranked = launched()  # one rank of several, started by launch_ranks (memplan.measure.dist_profile)
+    engine = contextlib.ExitStack()
+    if ranked:
+        check_profilable(resolved)
+        engine.enter_context(rank_group(device))
+    run_device = local_device(device) if ranked else ("cuda:0" if device == "cuda" else "cpu")
     try:
         if device == "cuda":
             nvml = NvmlReader()
@@ -209,6 +217,8 @@ def profile_run(setup, *, device: str = "cpu", steps: int = 3, gpu_memory_fracti
                 notes.append(f"NVML readings unavailable: {nvml.error}")
         record.environment, env_notes = collect_environment(device, nvml)
         notes += env_notes
+        if ranked:
+            record_rank(record)
         _device_notes(resolved, device, notes)
 
         rec = StepRecorder(device=device, vocab_size=spec.vocab_size, round_to=512 if device == "cuda" else 1,
@@ -221,9 +231,11 @@ def profile_run(setup, *, device: str = "cpu", steps: int = 3, gpu_memory_fracti
             warnings.simplefilter("always")
             try:
                 with rec.phase("load", None):
-                    model, info = build_training_model(spec, resolved, device="cuda:0" if device == "cuda" else "cpu",
-                                                       seed=seed)
+                    model, info = build_training_model(spec, resolved, device=run_device, seed=seed)
                     notes += [n for n in info.notes if not n.startswith("int8:")]  # _device_notes says it
+                    if ranked:  # FSDP2 shards before the recorder registers what this rank holds
+                        model, tracking = wrap_rank(model, spec, resolved, run_device, [rec.tracker])
+                        engine.enter_context(tracking)
                     record.model.update(rec.register_model(model).record_fields(),
                                         spec_params_total=spec.total_params())
                 trainable = [p for p in model.parameters() if p.requires_grad]
@@ -242,8 +254,11 @@ def profile_run(setup, *, device: str = "cpu", steps: int = 3, gpu_memory_fracti
                                 f"(tensor peak {format_gib(peak, 2)})")
 
                 with rec:
-                    run_steps(model, opt, rec, spec, resolved, steps=steps,
-                              device="cuda:0" if device == "cuda" else "cpu", autocast=autocast, on_step=completed)
+                    if ranked and resolved.strategy == "ddp":  # its gradient buckets are allocated as it wraps
+                        with rec.tracker.tagged("comm_buffers"):
+                            model = ddp_wrap(model, run_device, rec.tracker)
+                    run_steps(model, opt, rec, spec, resolved, steps=steps, device=run_device, autocast=autocast,
+                              on_step=completed)
             finally:
                 keep_warnings(caught, notes)
     except KeyboardInterrupt as exc:
@@ -273,6 +288,7 @@ def profile_run(setup, *, device: str = "cpu", steps: int = 3, gpu_memory_fracti
                     pass
             if nvml is not None:
                 nvml.close()
+            engine.close()
     if out_dir is not None:
         save_run(record, out_dir)
     if interrupted is not None:

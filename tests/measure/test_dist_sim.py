@@ -103,3 +103,42 @@ def test_tracker_follows_in_place_resizes_and_tags():
     assert after_free == 0
     assert res.peak_bytes == 4000 and res.final_bytes == 4000
     assert res.peak_components["activations"] == 4000  # born untagged, in forward
+
+
+@pytest.mark.parametrize("knobs", [["--strategy", "fsdp2"], ["--strategy", "ddp", "--method", "qlora"]])
+def test_profile_runs_every_rank_for_real_and_simulate_matches_it_to_the_byte(tiny, tmp_path, knobs):
+    """``memplan profile --gpus 2`` launches two gloo processes under torchrun; the fake process group's
+    simulation of rank 0 (CPU semantics) allocates exactly what each real rank did."""
+    import subprocess
+    import sys
+
+    from memplan.measure.simulate import simulate
+    from memplan.plan.setup import TrainSetup
+
+    out = tmp_path / "runs"
+    cmd = [sys.executable, "-m", "memplan", "profile", tiny.name, "--gpus", "2", *knobs, "--batch-size", "2",
+           "--seq-len", "64", "--steps", "2", "--device", "cpu", "--out", str(out), "--json"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    records = json.loads(done.stdout)  # (stdout holds the JSON alone; the ranks' progress went to stderr)
+    assert [r["environment"]["rank"] for r in records] == [0, 1]
+    assert len(list(out.glob("*.json"))) == 2
+    sim = simulate(TrainSetup(**records[0]["setup"]), device_semantics="cpu")
+    for r in records:
+        assert r["outcome"] == "ok"
+        assert r["peak"]["tensor_peak_bytes"] == sim.total_bytes
+        assert r["peak"]["components"] == sim.components
+
+
+@pytest.mark.parametrize("knobs, why", [
+    (["--strategy", "zero3"], "profile runs ddp, fsdp2 across ranks, not zero3"),
+    (["--nodes", "2", "--strategy", "ddp"], "profile launches the ranks of one node"),
+])
+def test_profile_refuses_what_it_cannot_launch(tiny, tmp_path, knobs, why):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "memplan", "profile", tiny.name, "--gpus", "2", *knobs, "--device", "cpu",
+           "--out", str(tmp_path / "runs")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and why in done.stderr and done.stderr.count("\n") == 1, done.stderr
