@@ -11,16 +11,15 @@ group, and the recorder tracks rank 0 (the ranks are symmetric: each holds its s
   (nodes, GPUs per node) mesh. FSDP2 frees and re-allocates the gathered parameters with
   ``UntypedStorage.resize_``, which no operator shows: the two helpers that do it tell the tracker.
 
+``zero1/2/3``: DeepSpeed's engine (memplan.measure.zero_sim), with deepspeed installed (the ``deepspeed`` extra).
+
 What cannot run here, and why (``simulable``):
 
 - ``fsdp`` (FSDP1): ``FullyShardedDataParallel`` refuses a CPU module ("FSDP needs a non-CPU accelerator
   device", torch/distributed/fsdp/_init_utils.py ``_init_device_handle``), and fake CUDA tensors cannot run a
   backward pass without a GPU (docs/memory-model.md, "How simulate builds a model").
-- ``zero1/2/3`` (DeepSpeed): see ``DEEPSPEED_FAKE``. Four patches get past those (engine
-  ``dont_change_device``, and the three checks), which memplan does not ship yet; the ZeRO model is checked
-  with real gloo processes instead (``benchmarks/zero_gloo.py``).
-- ``offload`` on FSDP: the CPU simulation's device is the host, so the copies FSDP makes between them are no-ops
-  and what lives where cannot be told apart.
+- ``offload`` (FSDP or DeepSpeed): the CPU simulation's device is the host, so the copies between the two are
+  no-ops and what lives where cannot be told apart.
 """
 
 from __future__ import annotations
@@ -37,12 +36,7 @@ if TYPE_CHECKING:
 
     from .tracker import MemoryTracker
 
-__all__ = ["simulable", "fake_world", "wrap_model", "fully_shard_layers", "fsdp2_tracking", "DEEPSPEED_FAKE"]
-
-DEEPSPEED_FAKE = ("memplan does not run DeepSpeed on fake tensors: its engine calls module.to(device), which torch "
-                  "refuses for fake parameters (swap_tensors), and its overflow and norm checks read values "
-                  "(.item())")
-
+__all__ = ["simulable", "fake_world", "wrap_model", "fully_shard_layers", "fsdp2_tracking"]
 
 def simulable(setup: TrainSetup) -> None:
     """Raise ``InvalidSetupError`` naming why ``memplan simulate`` cannot run this rank (module docstring)."""
@@ -51,8 +45,11 @@ def simulable(setup: TrainSetup) -> None:
                                 "CUDA tensors cannot run backward without a GPU; simulate --strategy fsdp2 (the same "
                                 "sharding with per-parameter shards), or profile on GPUs")
     if setup.strategy in ("zero1", "zero2", "zero3"):
-        raise InvalidSetupError(f"simulate cannot run DeepSpeed {setup.strategy}: {DEEPSPEED_FAKE}; "
-                                f"benchmarks/zero_gloo.py runs it for real with gloo on CPU")
+        import importlib.util
+
+        if importlib.util.find_spec("deepspeed") is None:
+            raise InvalidSetupError(f"simulate runs DeepSpeed {setup.strategy} with deepspeed installed: pip install "
+                                    f"'memplan[deepspeed]'")
     if setup.offload != "none":
         raise InvalidSetupError(f"simulate cannot run --offload {setup.offload}: on a CPU simulation the device is "
                                 f"the host, so what FSDP keeps in host memory cannot be told apart")

@@ -3,9 +3,9 @@ hybrid sharding, FSDP+QLoRA) at real widths, simulated by the real engines under
 (memplan.measure.dist_sim).
 
 Each row is a catalog model with the grid's base knobs (LoRA r=8 on the default targets, bf16 weights, no
-autocast, batch 1 x 512, sdpa, AdamW, no checkpointing) and the knobs shown. FSDP1 and DeepSpeed ZeRO cannot run
-on fake tensors (dist_sim says why): ``benchmarks/zero_gloo.py`` checks ZeRO with real gloo processes instead, and
-its rows are in reports/multi_gpu_gloo.csv.
+autocast, batch 1 x 512, sdpa, AdamW, no checkpointing) and the knobs shown. FSDP1 cannot run on fake tensors
+(dist_sim says why); DeepSpeed ZeRO runs there with four patches (memplan.measure.zero_sim), and
+``benchmarks/zero_gloo.py`` checks the ZeRO state with real gloo processes (reports/multi_gpu_gloo.csv).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ _FULL = {"method": "full"}
 _DDP, _FSDP = {"strategy": "ddp"}, {"strategy": "fsdp2"}
 _GRAD_OP = {"strategy": "fsdp2", "fsdp_sharding": "grad-op"}
 _HYBRID = {"strategy": "fsdp2", "fsdp_sharding": "hybrid"}
+_Z1, _Z2, _Z3 = {"strategy": "zero1"}, {"strategy": "zero2"}, {"strategy": "zero3"}
 
 MATRIX_MULTI_GPU: tuple[tuple[str, dict], ...] = (
     # DDP: a replica and gradient buckets
@@ -30,7 +31,7 @@ MATRIX_MULTI_GPU: tuple[tuple[str, dict], ...] = (
     ("llama-2-7b-hf", {**_DDP, "gpus": 2, **_Q}),
     ("llama-2-7b-hf", {**_DDP, "gpus": 4, "targets": "all-linear", "rank": 16, **_Q}),
     ("llama-3.1-8b", {**_DDP, "gpus": 2, "autocast": "bf16"}),
-    ("mistral-7b-v0.1", {**_DDP, "gpus": 4, "batch_size": 2, "seq_len": 1024, **_Q}),
+    ("mistral-7b-v0.1", {**_DDP, "gpus": 4, "batch_size": 2, "seq_len": 1024, **_Q, "autocast": "bf16"}),
     ("qwen2.5-1.5b", {**_DDP, "gpus": 2, **_FULL, "batch_size": 2}),
     ("opt-1.3b", {**_DDP, "gpus": 8, **_FULL}),
     ("gemma-2-2b", {**_DDP, "gpus": 2}),
@@ -82,4 +83,13 @@ MATRIX_MULTI_GPU: tuple[tuple[str, dict], ...] = (
     ("llama-2-7b-hf", {**_HYBRID, "gpus": 2, "nodes": 2, **_FULL}),
     ("llama-2-70b-hf", {**_HYBRID, "gpus": 4, "nodes": 2, **_Q}),
     ("qwen2.5-1.5b", {**_HYBRID, "gpus": 8, "nodes": 2, "batch_size": 4}),
+    # DeepSpeed ZeRO (the real engine on fake tensors, memplan.measure.zero_sim; bf16 engine, Trainer auto buckets)
+    ("llama-2-7b-hf", {**_Z2, "gpus": 2}),
+    ("llama-2-7b-hf", {**_Z2, "gpus": 8, "targets": "all-linear", "rank": 16, "batch_size": 2}),
+    ("llama-2-7b-hf", {**_Z2, "gpus": 4, **_Q}),
+    ("llama-2-7b-hf", {**_Z1, "gpus": 4}),
+    ("qwen2.5-1.5b", {**_Z2, "gpus": 2, "batch_size": 4}),
+    ("llama-2-7b-hf", {**_Z3, "gpus": 2}),
+    ("llama-2-7b-hf", {**_Z3, "gpus": 8, "grad_ckpt": True, "batch_size": 4}),
+    ("llama-2-7b-hf", {**_Z3, "gpus": 2, **_Q}),
 )

@@ -186,6 +186,14 @@ def simulate_for(spec, setup: TrainSetup, gpu=None, *, steps: int = 2, device_se
         if setup.strategy == "ddp":  # its gradient buckets are allocated as it wraps the model
             with rec.tracker.tagged("comm_buffers"):
                 model, _ = wrap_model(model, spec, setup, tracker_ref)
+        backward, stepper = None, opt
+        if setup.strategy in ("zero1", "zero2", "zero3"):  # DeepSpeed's engine, built inside the tracker
+            from .zero_sim import deepspeed_patches, zero_engine
+
+            info.fake_mode.allow_non_fake_inputs = True  # (DeepSpeed makes a few real scalars)
+            stack.enter_context(deepspeed_patches(setup.gpus * setup.nodes))
+            model, stepper = zero_engine(model, opt, spec, setup)  # (opt: its state is the rank's partition's)
+            backward = model.backward
         if cuda and setup.bits in (4, 8):
             kernels = CudaKernels()
             stack.enter_context(kernels)
@@ -195,7 +203,8 @@ def simulate_for(spec, setup: TrainSetup, gpu=None, *, steps: int = 2, device_se
             stack.enter_context(cuda_autocast_policy(torch_dtype(setup.autocast)))
         # --activation-offload: saved tensors packed to (excluded) host storages (memplan.measure.offload_sim)
         host = stack.enter_context(offload_hooks(model, rec.tracker, getattr(setup, "activation_offload", None)))
-        run_steps(model, opt, rec, spec, setup, steps=steps, autocast=autocast_for(setup, "cpu"))
+        run_steps(model, stepper, rec, spec, setup, steps=steps, autocast=autocast_for(setup, "cpu"),
+                  backward=backward)
     trk = rec.tracker
     if cuda and _torch_optimizer(setup):
         # torch.optim (not fused, not capturable) keeps each parameter's `step` counter in a CPU tensor
@@ -218,9 +227,18 @@ def simulate_for(spec, setup: TrainSetup, gpu=None, *, steps: int = 2, device_se
         if cuda else "CPU semantics: the tensor-level peak of a real CPU run of this setup")
     components = {c: int(res.peak_components.get(c, 0)) for c in COMPONENTS}
     phases = {p: res.estimate_phase_peaks[p] for p in PHASES if p in res.estimate_phase_peaks}
+    peak_bytes, peak_phase = res.peak_bytes, res.peak_estimate_phase or res.peak_phase
+    if setup.strategy == "zero3" and res.peak_phase == "load":
+        # The Trainer builds a ZeRO-3 model inside deepspeed.zero.Init, partitioning each parameter as it is
+        # made; this simulation partitions a whole model: its load peak is not the run's. The step's is.
+        peak_phase = max(phases, key=phases.__getitem__)
+        peak_bytes = phases[peak_phase]
+        components = {c: int(res.estimate_phase_components[peak_phase].get(c, 0)) for c in COMPONENTS}
+        notes.append("ZeRO-3: the peak of the training step (the model is partitioned as it loads, as under "
+                     "deepspeed.zero.Init)")
     return SimResult(
-        setup=setup, total_bytes=res.peak_bytes, components=components,
-        peak_phase=res.peak_estimate_phase or res.peak_phase, phases=phases, phase_peaks=dict(res.phase_peaks),
+        setup=setup, total_bytes=peak_bytes, components=components, peak_phase=peak_phase, phases=phases,
+        phase_peaks=dict(res.phase_peaks),
         step_peaks=tuple(res.step_peaks), params=params, paged_bytes=paged, final_bytes=res.final_bytes,
         device_semantics=device_semantics, wall_seconds=round(time.perf_counter() - t0, 3), notes=tuple(notes),
         phase_components={p: {c: int(comps.get(c, 0)) for c in COMPONENTS}

@@ -43,11 +43,13 @@ def forward_loss(model, batch, loss: str | None = None) -> torch.Tensor:
 
 
 def run_steps(model, optimizer, recorder: StepRecorder, spec, setup, *, steps: int, device: str = "cpu",
-              autocast: Callable = nullcontext, on_step: Callable[[int], None] | None = None) -> int:
+              autocast: Callable = nullcontext, on_step: Callable[[int], None] | None = None,
+              backward: Callable | None = None) -> int:
     """``steps`` training steps, each phase inside ``recorder.phase``; returns the number of completed steps.
 
     ``autocast`` is a context-manager factory the forward runs under (mixed precision); ``on_step(step)`` is
-    called after each completed step (progress, Ctrl-C checks)."""
+    called after each completed step (progress, Ctrl-C checks); ``backward(loss)`` replaces ``loss.backward()``
+    (DeepSpeed's ``engine.backward``)."""
     done = 0
     micro_steps = min(getattr(setup, "grad_accum", 1), 2)
     for step in range(1, steps + 1):
@@ -59,7 +61,7 @@ def run_steps(model, optimizer, recorder: StepRecorder, spec, setup, *, steps: i
                 with autocast():
                     loss = forward_loss(model, batch, getattr(setup, "loss", None))
             with recorder.phase("backward", step):
-                loss.backward()
+                loss.backward() if backward is None else backward(loss)
             del loss  # Trainer.training_step returns loss.detach(): the graph dies with the step's loss
         with recorder.phase("optimizer_step", step):
             optimizer.step()

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from memplan.errors import InvalidSetupError
 
 from .attention import sdpa_supported
-from .distributed import describe_distributed
+from .distributed import ZERO, describe_distributed
 from .dtypes import DTYPES
 from .features import resolve_features
 from .optimizers import resolve_optimizer
@@ -356,6 +356,10 @@ def resolve_setup(setup: TrainSetup, spec: ModelSpec, gpu: GPUSpec | None = None
     features = resolve_features(setup, spec, method=method, bits=bits, attn=attn,
                                 targets=targets if setup.targets is not None or method == "full" else None)
     targets = features.pop("targets", targets)  # IA3's own default targets (memplan.plan.adapters)
+    if features["strategy"] in ZERO and dtype in ("bf16", "fp16"):
+        # DeepSpeed's engine casts every float parameter to its dtype (engine.py _configure_distributed_model):
+        # LoRA's adapters and prepare_model_for_kbit_training's fp32 upcasts alike (memplan.plan.zero_memory)
+        adapter_dtype, upcast = dtype, False
     return replace(
         setup,
         **features,

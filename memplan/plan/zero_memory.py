@@ -145,12 +145,14 @@ def zero_phases(spec: ModelSpec, setup: TrainSetup, base: dict, phases: dict, *,
         gathered_layer = sum(blk(b) for v, b, _, _ in layer if v > threshold)
         big_root = sum(blk(b) for v, b, c, _ in root if v > threshold)
         head = big_root if spec.tie_word_embeddings else big_root // 2  # the lm_head (the embedding's twin)
-        kept, used = head, 2 * head // hb
+        # (a layer is kept when the values fetched after its forward use, the lm_head's and the later layers',
+        # are within max_reuse_distance)
+        kept, used = head, head // hb
         for _ in range(L):
-            if used + 2 * gathered_layer // hb > MAX_REUSE_VALUES or (kept + gathered_layer) // hb > MAX_LIVE_VALUES:
+            if used > MAX_REUSE_VALUES or (kept + gathered_layer) // hb > MAX_LIVE_VALUES:
                 break
             kept += gathered_layer
-            used += 2 * gathered_layer // hb
+            used += gathered_layer // hb
         rs_copy = blk(min(p_part * n, R) * hb)  # reduce-scatter's interleaved copy of the bucket
         comm_fwd = bucket + max(kept, gathered_layer) + gathered_layer
         comm_bwd = bucket + kept + gathered_layer + rs_copy
