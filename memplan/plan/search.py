@@ -29,7 +29,7 @@ from .budget import Budget, check_headroom
 from .estimate import Estimate, estimate_for
 from .fit_result import DEFAULT_MAX_BATCH, DEFAULT_PREFER, FitResult, NextStep
 from .distributed import OFFLOADS
-from .multi_fit import engine_rank, fit_fewest_gpus, search_engines
+from .multi_fit import engine_rank, fit_fewest_gpus, search_engines, searchable_engine
 from .savers import with_savers
 from .setup import TrainSetup, resolve_setup, sequence_limit
 from .regimes import leaner_regimes
@@ -245,6 +245,8 @@ def _search(spec: ModelSpec, setup: TrainSetup, gpu: GPUSpec | None, *, budget: 
             for targets in target_values:
                 for ckpt in ckpt_values:
                     for opt, (strategy, offload) in ((o, e) for o in opt_values for e in engines):
+                        if not searchable_engine(strategy, bits, pinned):
+                            continue
                         candidate = replace(setup, method=method, bits=bits, rank=rank, targets=targets,
                                             grad_ckpt=ckpt, optimizer=opt, batch_size=batches[0],
                                             strategy=strategy, offload=offload)
