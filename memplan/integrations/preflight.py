@@ -224,7 +224,7 @@ def check(model, *, training_args=None, lora_config=None, bnb_config=None, seq_l
         live_fields.setdefault("method", "qlora" if live.bits == 4 else "lora")
     # A model read live decides the weights' dtype; training_args' bf16/fp16 is the autocast the Trainer runs
     # forward and loss under (the setup's ``autocast``, memplan.plan.precision).
-    fields_ = merge_layers(from_args, from_lora, from_bnb, live_fields, explicit)
+    fields_ = merge_layers(_launched_ranks(), from_args, from_lora, from_bnb, live_fields, explicit)
     notes: list[str] = []
     if live is not None:
         notes.append(f"read from the live model: {live.params_total:,} parameters "
@@ -316,3 +316,16 @@ def _fit_fallback(spec, setup, gpu_spec, budget: Budget) -> str:
              else "; no catalog card is large enough")
     return (f"Nothing fits {limit} at sequence length {setup.seq_len}: the leanest plan "
             f"({describe_setup(result.leanest.setup)}) needs {format_gib(result.leanest.total_bytes, 2)}{where}.")
+
+
+def _launched_ranks() -> dict:
+    """Inside torchrun / accelerate launch: the GPUs per node and nodes its environment says (LOCAL_WORLD_SIZE,
+    WORLD_SIZE), so that a script's preflight plans one rank of its own launch; {} when not launched."""
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    except ValueError:
+        return {}
+    if world <= 1 or local < 1 or world % local:
+        return {}
+    return {"gpus": local, "nodes": world // local}

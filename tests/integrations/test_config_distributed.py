@@ -360,3 +360,17 @@ def test_a_deepspeed_file_that_does_not_parse_names_it(tmp_path):
         load_training_config(args)
     with pytest.raises(ConfigError, match="invalid JSON"):
         load_training_config(bad)
+
+
+def test_preflight_inside_a_launch_plans_one_rank_of_it(monkeypatch):
+    """torchrun / accelerate launch set WORLD_SIZE and LOCAL_WORLD_SIZE: preflight plans one rank of that launch
+    (DDP unless the TrainingArguments name an engine); explicit gpus= still wins."""
+    from memplan.integrations.preflight import preflight
+
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    e = preflight("llama-2-7b-hf", gpu="a100-80gb", batch_size=2)
+    assert (e.setup.gpus, e.setup.nodes, e.setup.strategy) == (4, 2, "ddp")
+    assert preflight("llama-2-7b-hf", gpu="a100-80gb", gpus=1, nodes=1).setup.strategy == "single"
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert preflight("llama-2-7b-hf", gpu="a100-80gb").setup.gpus == 1
