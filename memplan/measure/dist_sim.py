@@ -44,15 +44,15 @@ def simulable(setup: TrainSetup) -> None:
         raise InvalidSetupError("simulate cannot run FSDP1: FullyShardedDataParallel refuses a CPU module and fake "
                                 "CUDA tensors cannot run backward without a GPU; simulate --strategy fsdp2 (the same "
                                 "sharding with per-parameter shards), or profile on GPUs")
+    if setup.offload != "none":
+        raise InvalidSetupError(f"simulate cannot run --offload {setup.offload}: on a CPU simulation the device is "
+                                f"the host, so what the engine keeps in host memory cannot be told apart")
     if setup.strategy in ("zero1", "zero2", "zero3"):
         import importlib.util
 
         if importlib.util.find_spec("deepspeed") is None:
             raise InvalidSetupError(f"simulate runs DeepSpeed {setup.strategy} with deepspeed installed: pip install "
                                     f"'memplan[deepspeed]'")
-    if setup.offload != "none":
-        raise InvalidSetupError(f"simulate cannot run --offload {setup.offload}: on a CPU simulation the device is "
-                                f"the host, so what FSDP keeps in host memory cannot be told apart")
 
 
 def world_size(setup: TrainSetup) -> int:
