@@ -40,9 +40,11 @@ def ds_config(spec, setup) -> dict:
 @contextlib.contextmanager
 def deepspeed_patches(world: int):
     """The patches (module docstring), DeepSpeed's process group on top of the fake one, restored on exit."""
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import torch.nn.functional as F
+
     env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world),
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29599"}
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29599", "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR",
+                                                                                               "cpu")}
     saved_env = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     import deepspeed
@@ -67,7 +69,9 @@ def deepspeed_patches(world: int):
         kwargs["dont_change_device"] = True
         return init(self, *args, **kwargs)
 
-    saved = [(engine_module.DeepSpeedEngine, "__init__", init),
+    # (ZeRO-3 swaps torch.nn.functional.linear for its own and leaves it there: a later simulation in this
+    # process would run DeepSpeed's linear)
+    saved = [(F, "linear", F.linear), (engine_module.DeepSpeedEngine, "__init__", init),
              (stage12, "is_invalid_grad_norm", stage12.is_invalid_grad_norm),
              (stage3, "is_invalid_grad_norm", stage3.is_invalid_grad_norm),
              (stage12.DeepSpeedZeroOptimizer, "has_overflow", stage12.DeepSpeedZeroOptimizer.has_overflow),
