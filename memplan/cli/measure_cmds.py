@@ -113,7 +113,7 @@ def run_profile(args: argparse.Namespace) -> int:
 
     setup, _ = setup_from_args(args)
     # everything checkable without torch first, and the output folder before any run
-    resolve_setup(setup, load_model(setup.model, profiles_dir=args.profiles))
+    resolved = resolve_setup(setup, load_model(setup.model, profiles_dir=args.profiles))
     budget = None
     if args.tensor_budget:
         budget = load_gpu(args.tensor_budget).total_bytes  # "2GiB", "1500MB" ... parsed like a card budget
@@ -128,7 +128,6 @@ def run_profile(args: argparse.Namespace) -> int:
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
     check_profile_args(device, args.steps, args.memory_fraction, budget)
-    resolved = resolve_setup(setup, load_model(setup.model, profiles_dir=args.profiles))
     from memplan.measure.dist_profile import launch_ranks, launched
 
     if resolved.gpus * resolved.nodes > 1 and launched() is None:  # launch one process per rank (torchrun)

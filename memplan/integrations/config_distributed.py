@@ -17,6 +17,7 @@ from memplan.errors import ConfigError, InvalidSetupError, suggestion_suffix
 from memplan.fileio import read_text
 
 from .config_features import as_bool
+from .config_features import show_value as _show
 from .config_skip import SILENT
 
 __all__ = ["apply_distributed", "DEEPSPEED_MARKERS", "DISTRIBUTED_KEYS"]
@@ -48,12 +49,6 @@ _BUCKET_NOTE = ("memplan plans the Trainer's auto values (reduce_bucket_size = h
 _NVME = "offload to NVMe is not modelled apart from host RAM: the host figure is what lives off the GPU (on NVMe here)"
 _ADAM = ("adam", "adamw", "fusedadam", "cpuadam", "deepspeedcpuadam")
 _NO_COUNT = "does not say how many GPUs: the plan is one rank's of --gpus per node x --nodes (1 x 1 unless given)"
-
-
-def _show(v) -> str:  # (training_configs.show_value; that module imports this one)
-    if isinstance(v, (list, tuple)):
-        return ",".join(str(x) for x in v)
-    return json.dumps(v) if isinstance(v, bool) or v is None else str(v)
 
 
 def _bad(where: str, key: str, value, what: str, allowed) -> InvalidSetupError:

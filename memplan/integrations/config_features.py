@@ -4,6 +4,8 @@ activation offloading (memplan.plan.adapters, init_phase, loss, seq_shapes, offl
 
 from __future__ import annotations
 
+import json
+
 from memplan.errors import InvalidSetupError
 
 from .config_skip import SILENT, Skip
@@ -74,3 +76,10 @@ def liger_plugin(v, raw=None) -> str | Skip:  # axolotl plugins: Liger's with it
     if any("liger" in str(p).lower() for p in (v or ())) and _true_key(raw, "liger_fused_linear_cross_entropy"):
         return "liger"
     return SILENT
+
+
+def show_value(v) -> str:
+    """A config value as a message shows it (lists comma-joined, booleans and null as JSON)."""
+    if isinstance(v, (list, tuple)):
+        return ",".join(str(x) for x in v)
+    return json.dumps(v) if isinstance(v, bool) or v is None else str(v)

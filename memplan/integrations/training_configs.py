@@ -25,6 +25,7 @@ from memplan.fileio import read_text
 from memplan.plan.setup import TrainSetup
 
 from .config_distributed import DEEPSPEED_MARKERS, apply_distributed
+from .config_features import show_value
 from .config_tables import (ACCELERATE_MARKERS, AXOLOTL_MARKERS, EXCLUSIVE, FORMAT_NAMES, FORMATS, NESTED,
                             TA_MARKERS, TABLES, TRL_MARKERS, Skip)
 
@@ -70,13 +71,6 @@ class TrainingConfig:
                 "used": [{"key": k, "value": v, "field": f} for k, v, f in self.used],
                 "ignored": [{"key": k, "reason": r} for k, r in self.ignored],
                 "warnings": list(self.warnings), "notes": list(self.notes)}
-
-
-def show_value(v) -> str:
-    """A config value as a message shows it (lists comma-joined, booleans and null as JSON)."""
-    if isinstance(v, (list, tuple)):
-        return ",".join(str(x) for x in v)
-    return json.dumps(v) if isinstance(v, bool) or v is None else str(v)
 
 
 def _read(p: Path) -> tuple[dict, bool]:

@@ -4,7 +4,7 @@
 activations, logits, gradients and transients) and returns the rank's: what is sharded is divided, and the
 engine's own buffers are added as ``comm_buffers``. Activations, logits and the loss stay per rank (each rank runs
 its own micro-batch). docs/multi-gpu.md gives each rule with its source; ``memplan simulate`` runs the real
-DDP and FSDP2 on fake tensors and checks them (benchmarks/validate_multi_gpu.py).
+DDP and FSDP2 on fake tensors and checks them (benchmarks/validate_features.py).
 
 - **DDP** (torch/nn/parallel/distributed.py, reducer.cpp ``initialize_buckets``): a full replica, plus gradient
   buckets the size of every trainable parameter (``gradient_as_bucket_view=False``, the default), allocated once
@@ -66,15 +66,15 @@ def rank_phases(spec: ModelSpec, setup: TrainSetup, base: dict, phases: dict, *,
 def _fsdp_phases(spec, setup, base, phases, *, grad_bytes, head_grad, held, state_bytes, layer_act):
     n = shard_count(setup)
     u = fsdp_units(spec, setup)
+    shards = u.sharded(n)
     rank_base = dict(base, **{c: 0 for c in STATIC_SHARDED})
-    rank_base.update(u.sharded(n))
+    rank_base.update(shards)
 
     def share(b: int) -> int:
         return ceil_div(b, n)
 
     # gradients and optimizer state follow their parameters' shards (each its own allocation, rounded)
-    trainable_r = sum(v for c, v in u.sharded(n).items() if c == "lora_params") if setup.method != "full" \
-        else sum(u.sharded(n).values())
+    trainable_r = shards.get("lora_params", 0) if setup.method != "full" else sum(shards.values())
     scale = trainable_r / grad_bytes if grad_bytes else 1 / n
     rank_base["optimizer_state"] = int(state_bytes * scale)
     layer, root = u.gathered("layer"), u.gathered("root")

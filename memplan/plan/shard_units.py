@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from memplan.units import ceil_div, round_up
 
+from .adapters import adapted_linears, ia3_modules
 from .dtypes import DTYPE_BYTES
 from .runtime import CUDA_BLOCK_BYTES
 from .weights import float_weight_bytes
@@ -78,13 +79,13 @@ def fsdp_units(spec: ModelSpec, setup: TrainSetup) -> Units:
         return Units(tuple(layer), tuple(root), sum(b for b, _ in layer), sum(b for b, _ in root), spec.num_layers)
     ab = DTYPE_BYTES[setup.adapter_dtype]
     lora: list[int] = []
+    if setup.adapter == "ia3":  # one vector per adapted module: its input's size for feed-forward ones
+        lora = [(lin.in_features if ff else lin.out_features) * ab for lin, ff in ia3_modules(spec, setup.targets)]
+        layer += [(b, "lora_params") for b in lora]
+        return Units(tuple(layer), tuple(root), sum(lora), 0, spec.num_layers)
     names = {lin.name for lin in spec.layer_linears}
-    for lin in spec.resolve_targets(setup.targets):
+    for lin in adapted_linears(spec, setup.targets):
         if lin.name not in names:
-            continue
-        if setup.adapter == "ia3":
-            lora.append((lin.in_features if lin.name.endswith(("down_proj", "fc2", "dense_4h_to_h", "c_proj"))
-                         else lin.out_features) * ab)
             continue
         pair = [setup.rank * lin.in_features * ab, lin.out_features * setup.rank * ab]
         if setup.adapter == "dora":

@@ -114,15 +114,15 @@ def zero_phases(spec: ModelSpec, setup: TrainSetup, base: dict, phases: dict, *,
         grads_bwd = p_values * hb if stage == 1 else part * hb  # ZeRO-1 keeps the autograd gradients
         comm_bwd = blk(R * hb) + blk(min(p_values, R + biggest) * hb)  # the bucket and its flattened copy
         step_grads = part * hb + (part * 4 if hb != 4 else 0)
+        comm_fwd = 0  # (outside backward, only the offload's staging buffer)
         if setup.offload == "optimizer":
             host = {"optimizer_state": master_state, "gradients": part * 4, "parameters": part * hb + biggest * hb}
             rank["optimizer_state"] = 0
-            comm_bwd += blk(biggest * hb)  # temp_grad_buffer_for_gpu_offload
+            comm_fwd = blk(biggest * hb)  # temp_grad_buffer_for_gpu_offload, kept
+            comm_bwd += comm_fwd
             step_grads = 0
         else:
             rank["optimizer_state"] = master_state
-        comm_fwd = comm_bwd - blk(R * hb) - blk(min(p_values, R + biggest) * hb) if setup.offload == "none" \
-            else blk(biggest * hb)
     else:
         threshold = persistence_threshold(spec)
         parts: dict[str, int] = {}
@@ -167,7 +167,6 @@ def zero_phases(spec: ModelSpec, setup: TrainSetup, base: dict, phases: dict, *,
             host["parameters"] = moved
             rank["weights"] = max(0, rank["weights"] + rank["quantized_weights"] + rank["lora_params"] - moved)
             rank["quantized_weights"] = rank["lora_params"] = 0
-        comm_fwd, comm_bwd = comm_fwd, comm_bwd
     out = {}
     for p, (act, logits, grads, trans) in phases.items():
         if p == "optimizer_step":

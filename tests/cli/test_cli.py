@@ -9,12 +9,7 @@ import sys
 import pytest
 
 from memplan.cli import main
-
-
-def run(capsys, *argv):
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
+from tests.cli_run import run
 
 
 def run_json(capsys, *argv):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from memplan.cli import main
+from tests.cli_run import run, run_json, write
 from memplan.errors import ConfigError, InvalidSetupError
 from memplan.integrations.preflight import setup_fields_from_training_args
 from memplan.integrations.training_configs import TABLES, load_training_config, map_training_config, merge_configs
@@ -27,25 +27,6 @@ TRAINING_ARGS = str(FIXTURES / "training_args.json")
 TA = {"output_dir": "o", "per_device_train_batch_size": 4}  # the least a TrainingArguments JSON has
 ACCEL = "compute_environment: LOCAL_MACHINE\nmixed_precision: bf16\n"
 ACCEL_JSON = {"compute_environment": "LOCAL_MACHINE", "mixed_precision": "bf16"}  # (accelerate reads JSON too)
-
-
-def run(capsys, *argv):
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def run_json(capsys, *argv):
-    code, out, err = run(capsys, *argv, "--json")
-    assert code == 0, err
-    return json.loads(out)
-
-
-def write(tmp_path, name, content):
-    p = tmp_path / name
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(content if isinstance(content, str) else json.dumps(content))
-    return str(p)
 
 
 def dist(cfg) -> dict:

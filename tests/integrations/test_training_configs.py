@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from memplan.cli import main
+from tests.cli_run import run, run_json, write
 from memplan.integrations.training_configs import TABLES, load_training_config, merge_configs
 from memplan.errors import ConfigError, InvalidSetupError
 from memplan.catalog.gpus import load_gpu
@@ -29,24 +29,6 @@ TRAINING_ARGS = str(FIXTURES / "training_args.json")
 ADAPTER = str(FIXTURES / "adapter_config.json")
 BNB = str(FIXTURES / "bnb_config.json")
 TRL = str(FIXTURES / "trl_sft_config.json")
-
-
-def run(capsys, *argv):
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def run_json(capsys, *argv):
-    code, out, err = run(capsys, *argv, "--json")
-    assert code == 0, err
-    return json.loads(out)
-
-
-def write(tmp_path, name, text):
-    p = tmp_path / name
-    p.write_text(text)
-    return str(p)
 
 
 # (fixture, format, argv with the config, the same setup as flags, fields the file sets)
