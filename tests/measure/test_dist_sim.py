@@ -119,12 +119,10 @@ def test_tracker_follows_in_place_resizes_and_tags():
 @pytest.mark.parametrize("knobs", [["--strategy", "fsdp2"], ["--strategy", "ddp", "--method", "qlora"]])
 def test_profile_runs_every_rank_for_real_and_simulate_matches_it_to_the_byte(tiny, tmp_path, knobs):
     """``memplan profile --gpus 2`` launches two gloo processes under torchrun; the fake process group's
-    simulation of rank 0 (CPU semantics) allocates exactly what each real rank did."""
+    simulation of rank 0 (CPU semantics), in a process of its own as the ranks are, allocates exactly what each
+    real rank did (simulated in this process, after hundreds of other tests, it once differed by 4%)."""
     import subprocess
     import sys
-
-    from memplan.measure.simulate import simulate
-    from memplan.plan.setup import TrainSetup
 
     out = tmp_path / "runs"
     cmd = [sys.executable, "-m", "memplan", "profile", tiny.name, "--gpus", "2", *knobs, "--batch-size", "2",
@@ -134,11 +132,16 @@ def test_profile_runs_every_rank_for_real_and_simulate_matches_it_to_the_byte(ti
     records = json.loads(done.stdout)  # (stdout holds the JSON alone; the ranks' progress went to stderr)
     assert [r["environment"]["rank"] for r in records] == [0, 1]
     assert len(list(out.glob("*.json"))) == 2
-    sim = simulate(TrainSetup(**records[0]["setup"]), device_semantics="cpu")
+    script = ("import json, sys; from memplan.measure.simulate import simulate; from memplan.plan.setup import "
+              "TrainSetup; s = simulate(TrainSetup(**json.loads(sys.argv[1])), device_semantics='cpu'); "
+              "print(json.dumps({'total': s.total_bytes, 'components': s.components}))")
+    done = subprocess.run([sys.executable, "-c", script, json.dumps(records[0]["setup"])], capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    sim = json.loads(done.stdout.strip().splitlines()[-1])
     for r in records:
         assert r["outcome"] == "ok"
-        assert r["peak"]["tensor_peak_bytes"] == sim.total_bytes
-        assert r["peak"]["components"] == sim.components
+        assert (r["peak"]["tensor_peak_bytes"], r["peak"]["components"]) == (sim["total"], sim["components"])
 
 
 @pytest.mark.parametrize("knobs, why", [
