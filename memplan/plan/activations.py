@@ -33,7 +33,8 @@ if TYPE_CHECKING:
     from .setup import TrainSetup
 
 __all__ = ["LayerActivations", "attention_kernel", "residual_bytes", "sdpa_mask_materialised", "model_mask_bytes",
-           "layer_activations", "checkpoint_input_per_token", "checkpoint_input_shared_per_token",
+           "layer_activations", "zero3_linear", "frozen_linears_save_inputs", "checkpoint_input_per_token",
+           "checkpoint_input_shared_per_token",
            "model_extras_per_token", "full_backward_end", "logits_bytes", "backward_transient_per_token",
            "backward_transient_per_token_seq", "dequant_transient_bytes"]
 
@@ -102,12 +103,34 @@ def _bnb_layers(spec: ModelSpec, bits: int) -> bool:
     return bits in (4, 8) and any(lin.quantized_by_bnb for lin in spec.layer_linears)
 
 
+# Models whose projections do not call torch.nn.functional.linear: GPT-2's Conv1D (torch.addmm,
+# transformers/pytorch_utils.py) and Falcon's FalconLinear (``input @ self.weight.T``, modeling_falcon.py).
+_OWN_MATMUL = ("gpt2", "falcon")
+
+
+def zero3_linear(setup: TrainSetup) -> bool:
+    """Whether DeepSpeed ZeRO-3's linear runs the frozen ``nn.Linear`` layers: ZeRO-3 installs its
+    ``LinearFunctionForZeroStage3`` as ``torch.nn.functional.linear`` (``zero.Init`` and the engine's own
+    partitioning; ``memory_efficient_linear`` defaults to true: deepspeed/runtime/zero/partition_parameters.py
+    ``_enable_mem_efficient_linear``), and its ``setup_context`` saves input, weight and bias whatever needs a
+    gradient (deepspeed/runtime/zero/linear.py)."""
+    return setup.strategy == "zero3" and setup.method != "full"
+
+
+def frozen_linears_save_inputs(spec: ModelSpec, setup: TrainSetup) -> bool:
+    """Whether the layers' frozen projections save their inputs for backward although no weight gradient needs
+    them: LLM.int8's MatMul8bitLt always does; so does ZeRO-3's linear over 16/32-bit ``nn.Linear`` weights
+    (``zero3_linear``; bitsandbytes' 4-bit layers, GPT-2's Conv1D and Falcon's FalconLinear do not call it)."""
+    return setup.bits == 8 or (zero3_linear(setup) and setup.bits >= 16 and spec.model_type not in _OWN_MATMUL)
+
+
 def layer_activations(spec: ModelSpec, setup: TrainSetup) -> LayerActivations:
     """Bytes one decoder layer keeps for backward, per token (and per token x seq for eager attention)."""
     return _layer_activations_cached(spec, setup.attn, setup.lora_dropout, setup.adapter_dtype, setup.rank,
                                      setup.targets or "", setup.method, setup.bits, setup.dtype,
                                      residual_bytes(spec, setup), sdpa_mask_materialised(spec, setup),
-                                     autocast_bytes(setup), repeats_kv(spec, setup), setup.adapter)
+                                     autocast_bytes(setup), repeats_kv(spec, setup), setup.adapter,
+                                     frozen_linears_save_inputs(spec, setup))
 
 
 def checkpoint_input_per_token(spec: ModelSpec, setup: TrainSetup) -> int:
@@ -143,7 +166,7 @@ def _pre_norm(spec: ModelSpec) -> bool:
 def _layer_activations_cached(spec: ModelSpec, attn: str, lora_dropout: float, adapter_dtype: str, rank: int,
                               targets: str, method: str, bits: int, dtype: str, hb: int,
                               masked: bool = False, ac: int = 0, kv_repeated: bool = False,
-                              adapter: str = "lora") -> LayerActivations:
+                              adapter: str = "lora", frozen_save_inputs: bool = False) -> LayerActivations:
     h = spec.hidden_size
     d = spec.head_dim
     q_dim = spec.num_attention_heads * d
@@ -253,10 +276,11 @@ def _layer_activations_cached(spec: ModelSpec, attn: str, lora_dropout: float, a
                                            base_b=lin, adapter_b=DTYPE_BYTES[adapter_dtype], layer_names=layer_names)
         per_tok += ceil_div(lora_tok, spec.num_layers)
 
-    # LLM.int8 (bnb MatMul8bitLt) saves its input A for the input gradient, once per distinct input that
-    # no other op saves already: the normed inputs of attention and MLP, and the MLP hidden activation when
-    # the activation function saved its input rather than its output.
-    if bits == 8:
+    # Frozen projections that save their input anyway (frozen_linears_save_inputs: LLM.int8's MatMul8bitLt,
+    # DeepSpeed ZeRO-3's linear) keep it once per distinct input that no other op saves already: the normed
+    # inputs of attention and MLP, and the MLP hidden activation when the activation function saved its input
+    # rather than its output (ZeRO-3, Llama-2-7B: 2 x hidden + intermediate per token and layer, memplan simulate).
+    if frozen_save_inputs and not full:
         distinct = h if spec.parallel_attn_mlp else 2 * h
         if attn == "eager":
             distinct += q_dim
@@ -274,6 +298,8 @@ def model_extras_per_token(spec: ModelSpec, setup: TrainSetup) -> int:
         per_tok += spec.hidden_size  # bool mask
     per_tok += _norm_saved_per_token(spec, hb, spec.hidden_size, trainable=setup.method == "full",
                                       ac=autocast_bytes(setup))
+    if zero3_linear(setup) and spec.is_causal_lm:
+        per_tok += hb * spec.hidden_size  # ZeRO-3's linear saves the (frozen nn.Linear) lm_head's input
     if not spec.is_causal_lm:
         # BERT MLM head transform: gelu saves its input, LayerNorm saves its input (modeling_bert.py).
         per_tok += 2 * hb * spec.hidden_size + 8

@@ -35,6 +35,7 @@ from .loss import loss_bytes, loss_notes
 from .offload import offload_phases
 from .optimizers import resolve_optimizer
 from .rank_memory import rank_phases
+from .zero_memory import zero3_keeps_4bit_weights
 from .precision import autocast_bytes, autocast_weight_copies
 from .runtime import ALLOCATOR_OVERHEAD_FRACTION, CUBLAS_WORKSPACE_BYTES, cuda_context_bytes
 from .seq_shapes import sequence_shape, step_setup
@@ -165,6 +166,10 @@ def estimate_for(spec: ModelSpec, setup: TrainSetup, gpu: GPUSpec | None = None,
             state_bytes=base["optimizer_state"], layer_act=ckpt_input_bytes if setup.grad_ckpt else layer_bytes,
             trainable_values=f.params.trainable)
         host_bytes.update(rank_host)
+        if zero3_keeps_4bit_weights(setup):
+            notes += ("ZeRO-3 over 4-bit weights: each layer's gathered 4-bit weights stay on the rank from its "
+                      "forward to its backward (bitsandbytes keeps them; DeepSpeed frees a parameter by dropping its "
+                      "own reference), the whole model's by the start of backward; FSDP2 frees them",)
     phases: dict[str, dict[str, int]] = {}
     for name, (activations, logits, gradients, transients, comm) in rank_dynamic.items():
         dynamic = activations + logits + gradients + transients + comm
@@ -228,7 +233,8 @@ def _fixed(spec: ModelSpec, setup: TrainSetup) -> _Fixed:
            setup.targets, setup.lora_dropout, setup.adapter_dtype, setup.optimizer, setup.attn,
            setup.upcast_non_quantized, setup.autocast, act.sdpa_mask_materialised(spec, setup), setup.versions,
            setup.adapter, setup.modules_to_save, setup.trainable_tokens, setup.loss, setup.packing,
-           setup.activation_offload,
+           setup.activation_offload, act.frozen_linears_save_inputs(spec, setup),
+           act.zero3_linear(setup),
            setup.grad_ckpt if setup.adapter == "dora" else None)  # (DoRA's first layer saves all under checkpointing)
     hit = _FIXED.get(key)
     if hit is None:

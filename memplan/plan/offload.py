@@ -42,7 +42,8 @@ if TYPE_CHECKING:
 
     from .setup import TrainSetup
 
-__all__ = ["ACTIVATION_OFFLOADS", "resolve_offload", "offload_phases", "kept_per_token"]
+__all__ = ["ACTIVATION_OFFLOADS", "resolve_offload", "offload_phases", "kept_per_token",
+           "reentrant_checkpointing"]
 
 ACTIVATION_OFFLOADS = ("off", "pinned", "pageable")
 
@@ -91,7 +92,7 @@ def _saved_weight_bytes(spec: ModelSpec, step: TrainSetup) -> tuple[int, int]:
     return sum(s * n for s, n in sizes), max((s for s, _ in sizes), default=0)
 
 
-def _reentrant_checkpointing(step: TrainSetup) -> bool:
+def reentrant_checkpointing(step: TrainSetup) -> bool:
     """peft's prepare_model_for_kbit_training passes no use_reentrant (torch 2.13 utils/checkpoint.py then takes
     True); transformers < 5 defaults to it (version rule checkpointing-reentrant)."""
     from .version_rules import applies
@@ -130,7 +131,7 @@ def offload_phases(spec: ModelSpec, step: TrainSetup, phase_dynamic: dict, *, la
         # offloaded. Non-reentrant keeps what the layer saves inside; reentrant recomputes the layer in backward
         # under the outer hooks, so the recomputed layer's saved tensors go out and come back too (after the host
         # peak: by then the later layers' inputs have left the host).
-        reentrant = _reentrant_checkpointing(step)
+        reentrant = reentrant_checkpointing(step)
         # the host peak: at forward end, or (reentrant) while the last layer is recomputed and offloaded again
         host = max(host + layers * ckpt_input_bytes, (layers - 1) * ckpt_input_bytes + layer_host if reentrant else 0)
         head = 0

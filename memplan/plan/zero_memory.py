@@ -11,9 +11,11 @@ The rules, each from DeepSpeed's source (docs/multi-gpu.md, "DeepSpeed ZeRO", ci
 - ZeRO-2: gradients are reduced in buckets of ``reduce_bucket_size`` values (the Trainer's ``auto``:
   hidden_size^2) and each rank keeps its partition (``contiguous_gradients``).
 - ZeRO-3: parameters too, frozen ones included, each rank holding 1/n of every tensor except those under
-  ``stage3_param_persistence_threshold`` values (``auto``: 10 x hidden_size), kept whole; a layer's parameters
-  are gathered for its forward and backward, with the next ones prefetched up to
-  ``stage3_prefetch_bucket_size`` values (``auto``: 0.9 x hidden_size^2).
+  ``stage3_param_persistence_threshold`` values (``auto``: 10 x hidden_size), kept whole; after the first
+  step has recorded the module trace, the prefetcher keeps ``max_live_parameters`` values gathered (1e9, or the
+  whole model when smaller), fetching ``stage3_prefetch_bucket_size`` values (``auto``: 0.9 x hidden_size^2) ahead
+  of every submodule; every frozen linear over 16-bit weights saves its input (memplan.plan.activations
+  ``frozen_linears_save_inputs``, for ``nn.Linear`` projections).
 - ``offload``: ``optimizer`` keeps the fp32 master, the optimizer state, the fp32 gradient partition and the
   step on the host (pinned); ``params`` (ZeRO-3) the 16-bit parameter partitions too.
 
@@ -27,6 +29,7 @@ from typing import TYPE_CHECKING
 from memplan.units import ceil_div, round_up
 
 from .distributed import world_size
+from .offload import reentrant_checkpointing
 from .dtypes import DTYPE_BYTES
 from .runtime import CUDA_BLOCK_BYTES
 from .shard_units import fsdp_units
@@ -37,7 +40,8 @@ if TYPE_CHECKING:
 
     from .setup import TrainSetup
 
-__all__ = ["zero_phases", "reduce_bucket_values", "prefetch_bucket_values", "persistence_threshold"]
+__all__ = ["zero_phases", "zero3_keeps_4bit_weights", "reduce_bucket_values", "prefetch_bucket_values",
+           "persistence_threshold"]
 
 
 def reduce_bucket_values(spec: ModelSpec) -> int:
@@ -55,24 +59,34 @@ def persistence_threshold(spec: ModelSpec) -> int:
     return 10 * spec.hidden_size
 
 
-# DeepSpeed's defaults the Trainer does not fill (runtime/zero/config.py): parameters reused within this many
-# values of the recorded trace stay gathered (max_reuse_distance), and at most this many are gathered at once
-# (max_live_parameters).
-MAX_REUSE_VALUES = 1_000_000_000
+# DeepSpeed's default the Trainer does not fill (runtime/zero/config.py): the prefetcher gathers up to this many
+# values (max_live_parameters); max_reuse_distance (also 1e9) keeps reused ones within the same budget.
 MAX_LIVE_VALUES = 1_000_000_000
+
+
+def zero3_keeps_4bit_weights(setup: TrainSetup) -> bool:
+    """Whether ZeRO-3 leaves every layer's gathered 4-bit weights on the rank from its forward to its backward:
+    bitsandbytes' MatMul4Bit keeps the weight in ctx.tensors (not save_for_backward) whenever its input needs a
+    gradient, and DeepSpeed releases a parameter by dropping its own reference (partition_parameters.py
+    ``free_param``), so the storage lives on (FSDP2 resizes the storage to 0 instead). Not under reentrant
+    checkpointing, whose forward runs without a graph (memplan.plan.offload ``reentrant_checkpointing``)."""
+    return setup.strategy == "zero3" and setup.bits == 4 and not (setup.grad_ckpt and reentrant_checkpointing(setup))
 
 
 def _tensors(spec: ModelSpec, setup: TrainSetup, hb: int) -> tuple[list, list]:
     """Every parameter tensor of the layer and of the root as (values, bytes in the engine's dtype, component,
-    trainable): the engine casts every float parameter to its dtype; packed 4-bit weights keep their bytes."""
+    trainable): the engine casts every float parameter to its dtype; packed 4-bit weights keep their bytes, in
+    elements of their ``quant_storage`` (the 16-bit dtype under ZeRO-3, as peft's DeepSpeed guide loads them:
+    memplan.measure.quantize ``quant_storage``), which is what DeepSpeed counts."""
     u = fsdp_units(spec, setup)
     fb, ab = float_weight_bytes(setup), DTYPE_BYTES[setup.adapter_dtype]
+    packed = hb if setup.strategy == "zero3" and hb == 2 else 1  # (bytes per storage element)
 
     def conv(items):
         out = []
         for b, comp in items:
             if comp == "quantized_weights":
-                out.append((b, b, comp, False))
+                out.append((b // packed, b, comp, False))
             else:
                 values = b // (ab if comp == "lora_params" else fb)
                 out.append((values, values * hb, comp, comp == "lora_params" or setup.method == "full"))
@@ -139,23 +153,32 @@ def zero_phases(spec: ModelSpec, setup: TrainSetup, base: dict, phases: dict, *,
         master_state = blk(p_part * 4) * (1 + round(state_per_value / 4))
         grads_bwd = blk(p_part * hb)  # grad_partitions_flat_buffer, kept
         bucket = blk(R * hb)  # allocated at init, kept
-        # gathered in flight: the tail of the model reused within max_reuse_distance stays gathered from forward
-        # into backward (the lm_head, then the last layers), plus one layer being gathered (its flat all-gather
-        # buffer and the per-parameter copies)
-        gathered_layer = sum(blk(b) for v, b, _, _ in layer if v > threshold)
+        # gathered in flight: once the first step has recorded the module trace, the prefetcher fetches ahead of
+        # every submodule (stage3_prefetch_bucket_size values at a time, at least one parameter) until
+        # max_live_parameters values are gathered, and the parameters reused within max_reuse_distance stay
+        # (partitioned_param_coordinator.py fetch_sub_module, __params_to_release). A decoder layer has several
+        # submodules per large weight (norms, dropouts, peft's wrappers), so the prefetch outruns the layers and
+        # max_live_parameters values are gathered from the first layers through backward (Llama-2-7B, ZeRO-3:
+        # 1.03e9 at the end of forward, memplan simulate), or the whole model when it is smaller.
+        gathered = sum(blk(b) * L for v, b, _, _ in layer if v > threshold) + \
+            sum(blk(b) for v, b, _, _ in root if v > threshold)
+        gathered_values = sum(v * L for v, _, _, _ in layer if v > threshold) + \
+            sum(v for v, _, _, _ in root if v > threshold)
+        in_flight = gathered if gathered_values <= MAX_LIVE_VALUES else blk(MAX_LIVE_VALUES * hb)
+        # 4-bit weights gathered for a layer's forward outlive their release (zero3_keeps_4bit_weights): at the end
+        # of forward every layer's are there once, with the lm_head; in backward, beyond max_live_parameters, the
+        # prefetcher (whose count was given back) gathers its window again on top of them. A smaller model is
+        # never gathered twice.
+        retained = 0 if gathered_values <= MAX_LIVE_VALUES or not zero3_keeps_4bit_weights(setup) else \
+            L * sum(blk(b) for v, b, c, _ in layer if c == "quantized_weights" and v > threshold)
         big_root = sum(blk(b) for v, b, c, _ in root if v > threshold)
         head = big_root if spec.tie_word_embeddings else big_root // 2  # the lm_head (the embedding's twin)
-        # (a layer is kept when the values fetched after its forward use, the lm_head's and the later layers',
-        # are within max_reuse_distance)
-        kept, used = head, head // hb
-        for _ in range(L):
-            if used > MAX_REUSE_VALUES or (kept + gathered_layer) // hb > MAX_LIVE_VALUES:
-                break
-            kept += gathered_layer
-            used += gathered_layer // hb
+        at_turn = max(in_flight, retained + head) if retained else in_flight  # (forward end, start of backward)
         rs_copy = blk(min(p_part * n, R) * hb)  # reduce-scatter's interleaved copy of the bucket
-        comm_fwd = bucket + max(kept, gathered_layer) + gathered_layer
-        comm_bwd = bucket + kept + gathered_layer + rs_copy
+        comm_fwd = bucket + at_turn
+        comm_start = bucket + at_turn + rs_copy
+        comm_bwd = bucket + in_flight + rs_copy + retained
+        comm_end = comm_bwd - retained
         step_grads = p_part * hb + (p_part * 4 if hb != 4 else 0)
         rank["optimizer_state"] = master_state
         if setup.offload in ("optimizer", "params"):
@@ -177,5 +200,6 @@ def zero_phases(spec: ModelSpec, setup: TrainSetup, base: dict, phases: dict, *,
             out[p] = (act, logits, grads_bwd if stage == 3 else 0, trans, comm_fwd)
         else:
             out[p] = (act, logits, grads_bwd if (stage == 3 or p == "backward_end" or stage == 1) else
-                      (part * hb if p != "backward_start" else 0), trans, comm_bwd)
+                      (part * hb if p != "backward_start" else 0), trans,
+                      comm_bwd if stage != 3 or p == "backward" else comm_start if p == "backward_start" else comm_end)
     return rank, out, host
