@@ -44,6 +44,15 @@ def _quantized_names(spec) -> set[str]:
     return names
 
 
+def quant_storage(setup):
+    """The dtype 4-bit weights are packed in: uint8 (bitsandbytes' default), or the model's 16-bit dtype under ZeRO-3,
+    as peft's DeepSpeed guide sets ``bnb_4bit_quant_storage`` so that DeepSpeed partitions them as it does every
+    other parameter (same bytes, half the elements)."""
+    if setup.strategy == "zero3" and setup.dtype in ("bf16", "fp16"):
+        return torch_dtype(setup.dtype)
+    return torch.uint8
+
+
 def replace_with_bnb(model, spec, setup, info) -> None:
     """transformers.integrations.bitsandbytes.replace_with_bnb_linear, on meta, for the spec's quantized modules."""
     import bitsandbytes as bnb
@@ -63,7 +72,7 @@ def replace_with_bnb(model, spec, setup, info) -> None:
         if setup.bits == 4:
             new = bnb.nn.Linear4bit(in_f, out_f, bias, torch_dtype(setup.dtype),
                                     compress_statistics=setup.double_quant, quant_type=setup.quant_type,
-                                    quant_storage=torch.uint8, device="meta")
+                                    quant_storage=quant_storage(setup), device="meta")
         else:
             new = bnb.nn.Linear8bitLt(in_f, out_f, bias, has_fp16_weights=False, threshold=LLM_INT8_THRESHOLD,
                                       device="meta")
@@ -105,16 +114,18 @@ def materialize_quantized(model, stash: dict, setup, info, *, fake: bool, device
         if setup.bits == 4:
             if fake:
                 qs = _fake_quant_state_4bit(out_f, in_f, setup.quant_type, setup.double_quant, compute)
-                w = nn.Parameter(torch.empty((out_f * in_f + 1) // 2, 1, dtype=torch.uint8), requires_grad=False)
+                storage = quant_storage(setup)
+                per = storage.itemsize * 2  # 4-bit values per storage element
+                w = nn.Parameter(torch.empty((out_f * in_f + per - 1) // per, 1, dtype=storage), requires_grad=False)
                 w.quant_state = qs
                 w.compress_statistics, w.quant_type, w.blocksize = setup.double_quant, setup.quant_type, NF4_BLOCK
-                w.quant_storage, w.bnb_quantized, w.module = torch.uint8, True, m
+                w.quant_storage, w.bnb_quantized, w.module = storage, True, m
                 m.weight = w
                 m.quant_state = qs
             else:
                 data = torch.empty(out_f, in_f, dtype=compute, device=device).normal_(0.0, 0.02)
                 w = bnb.nn.Params4bit(data, requires_grad=False, compress_statistics=setup.double_quant,
-                                      quant_type=setup.quant_type, quant_storage=torch.uint8, module=m)
+                                      quant_type=setup.quant_type, quant_storage=quant_storage(setup), module=m)
                 m.weight = w._quantize(torch.device(device))
                 qs = m.weight.quant_state
             info.quant_tensors += quant_state_tensors(qs)

@@ -129,7 +129,9 @@ RULES: tuple[Rule, ...] = (
          "peft 0.7.1 utils/other.py:72, 103; 0.10.0 utils/other.py:75, 108-109; 0.21.2 utils/other.py:158-159, "
          "208-209",
          NO_EFFECT + "memplan stores 4-bit weights in uint8 (bitsandbytes' default quant_storage), which no "
-         "version casts; the upcast and the checkpointing default are the same in every modelled peft"),
+         "version casts, except under ZeRO-3 (bf16 storage, as peft's DeepSpeed guide loads them), where "
+         "DeepSpeed's bf16 engine casts every float parameter back to bf16; the upcast and the checkpointing "
+         "default are the same in every modelled peft"),
     Rule("adapters-in-base-dtype", "peft", None, "0.12.0",
          "LoRA weights are moved to the base layer's float dtype (self.to(weight.device, dtype=weight.dtype)): "
          "fp16/bf16 adapters on 16-bit layers, fp32 on 4/8-bit ones (the packed weight is not a float). From 0.12 "
