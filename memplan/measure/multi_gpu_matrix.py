@@ -1,6 +1,6 @@
 """The validation matrix's multi-GPU rows (issue "Beyond one card"): one rank of DDP and FSDP2 (full, grad-op and
 hybrid sharding, FSDP+QLoRA) at real widths, simulated by the real engines under torch's fake process group
-(memplan.measure.dist_sim).
+(memplan.measure.dist_sim), and one rank of DeepSpeed ZeRO-1/2/3 (memplan.measure.zero_sim).
 
 Each row is a catalog model with the grid's base knobs (LoRA r=8 on the default targets, bf16 weights, no
 autocast, batch 1 x 512, sdpa, AdamW, no checkpointing) and the knobs shown. FSDP1 cannot run on fake tensors
@@ -92,4 +92,16 @@ MATRIX_MULTI_GPU: tuple[tuple[str, dict], ...] = (
     ("llama-2-7b-hf", {**_Z3, "gpus": 2}),
     ("llama-2-7b-hf", {**_Z3, "gpus": 8, "grad_ckpt": True, "batch_size": 4}),
     ("llama-2-7b-hf", {**_Z3, "gpus": 2, **_Q}),
+    # ZeRO-3 over the prefetcher's 1e9 live values, or a whole model smaller than that; other architectures
+    ("gpt2-medium", {**_Z3, "gpus": 2, "batch_size": 4}),  # (Conv1D: no F.linear, no saved frozen inputs)
+    ("qwen2.5-1.5b", {**_Z3, "gpus": 2, "batch_size": 4}),
+    ("opt-1.3b", {**_Z3, "gpus": 4}),
+    ("mistral-7b-v0.1", {**_Z3, "gpus": 4, "batch_size": 2, "seq_len": 1024, "autocast": "bf16"}),
+    ("opt-13b", {**_Z3, "gpus": 4, "targets": "all-linear", "rank": 16, "grad_ckpt": True, "batch_size": 2}),
+    ("llama-3.1-8b", {**_Z3, "gpus": 8, "grad_ckpt": True, "batch_size": 2, "seq_len": 2048}),
+    # ZeRO-3 over 4-bit weights, stored in bf16 as peft's DeepSpeed guide loads them (bnb_4bit_quant_storage)
+    ("opt-13b", {**_Z3, "gpus": 4, **_Q, "batch_size": 2}),
+    ("mistral-7b-v0.1", {**_Z3, "gpus": 2, **_Q, "targets": "all-linear", "rank": 16}),
+    ("qwen2.5-1.5b", {**_Z3, "gpus": 2, **_Q}),
+    ("llama-3.1-8b", {**_Z3, "gpus": 8, **_Q, "batch_size": 2, "seq_len": 2048}),
 )

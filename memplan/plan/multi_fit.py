@@ -45,9 +45,10 @@ def search_engines(setup: TrainSetup, pinned: frozenset[str]) -> list[tuple[str 
 
 
 def searchable_engine(strategy: str | None, bits: int, pinned: frozenset[str]) -> bool:
-    """Whether the search may pick ``strategy`` at ``bits`` unasked. Not ZeRO-3 over 4-bit weights: its estimate
-    is 34% under the simulated rank on Llama-2-7B (docs/multi-gpu.md, "Not matched yet"), and a plan must not rest
-    on it; ``--strategy zero3`` still plans it, with that caveat."""
+    """Whether the search may pick ``strategy`` at ``bits`` unasked. Not ZeRO-3 over 4-bit weights: every layer's
+    gathered 4-bit weights stay on the rank until backward (bitsandbytes keeps them; memplan.plan.zero_memory), so
+    it never needs fewer cards than FSDP2 over the same weights, and it needs ``bnb_4bit_quant_storage`` set;
+    ``--strategy zero3`` plans it."""
     return not (strategy == "zero3" and bits == 4 and "strategy" not in pinned)
 
 
