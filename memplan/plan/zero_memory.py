@@ -62,6 +62,8 @@ def persistence_threshold(spec: ModelSpec) -> int:
 # DeepSpeed's default the Trainer does not fill (runtime/zero/config.py): the prefetcher gathers up to this many
 # values (max_live_parameters); max_reuse_distance (also 1e9) keeps reused ones within the same budget.
 MAX_LIVE_VALUES = 1_000_000_000
+# ... and ZeRO-3's optimizer steps the partition in sub-groups of at most this many values (sub_group_size).
+SUB_GROUP_VALUES = 1_000_000_000
 
 
 def zero3_keeps_4bit_weights(setup: TrainSetup) -> bool:
@@ -179,7 +181,13 @@ def zero_phases(spec: ModelSpec, setup: TrainSetup, base: dict, phases: dict, *,
         comm_start = bucket + at_turn + rs_copy
         comm_bwd = bucket + in_flight + rs_copy + retained
         comm_end = comm_bwd - retained
-        step_grads = p_part * hb + (p_part * 4 if hb != 4 else 0)
+        # The step runs sub-group by sub-group (sub_group_size values; stage3.py _prepare_fp32_grad_for_sub_group):
+        # the sub-group's gradients flattened (a 16-bit copy, gone once cast) and cast to fp32, kept as the master's
+        # .grad while the optimizer steps it (its temporaries in fp32 over that sub-group), then released.
+        sub = min(p_part, SUB_GROUP_VALUES)
+        fp32_sub, cast_copy = blk(sub * 4), (blk(sub * hb) if hb != 4 else 0)
+        sub_temps = int(fp32_sub * (phases["optimizer_step"][3] / max(1, grad_bytes)))  # (param-sized temporaries)
+        step_grads, step_temps = (fp32_sub + cast_copy, 0) if cast_copy > sub_temps else (fp32_sub, sub_temps)
         rank["optimizer_state"] = master_state
         if setup.offload in ("optimizer", "params"):
             host = {"optimizer_state": master_state, "gradients": p_part * 4 + grads_bwd}
@@ -193,7 +201,7 @@ def zero_phases(spec: ModelSpec, setup: TrainSetup, base: dict, phases: dict, *,
     out = {}
     for p, (act, logits, grads, trans) in phases.items():
         if p == "optimizer_step":
-            temps = ceil_div(trans, n) if setup.offload == "none" else 0
+            temps = 0 if setup.offload != "none" else step_temps if stage == 3 else ceil_div(trans, n)
             # (kept: ZeRO-3's bucket; ZeRO-1/2 with offload, the device staging buffer of the largest gradient)
             out[p] = (0, 0, (grads_bwd if stage == 3 else 0) + step_grads, temps, bucket if stage == 3 else comm_fwd)
         elif p == "forward_end":
