@@ -99,6 +99,9 @@ MATRIX_MULTI_GPU: tuple[tuple[str, dict], ...] = (
     ("mistral-7b-v0.1", {**_Z3, "gpus": 4, "batch_size": 2, "seq_len": 1024, "autocast": "bf16"}),
     ("opt-13b", {**_Z3, "gpus": 4, "targets": "all-linear", "rank": 16, "grad_ckpt": True, "batch_size": 2}),
     ("llama-3.1-8b", {**_Z3, "gpus": 8, "grad_ckpt": True, "batch_size": 2, "seq_len": 2048}),
+    # ZeRO-3 full fine-tuning: the step casts the gradient partition to fp32 one sub-group (1e9 values) at a time
+    ("llama-2-7b-hf", {**_Z3, "gpus": 2, **_FULL}),
+    ("qwen2.5-1.5b", {**_Z3, "gpus": 4, **_FULL, "batch_size": 2}),
     # ZeRO-3 over 4-bit weights, stored in bf16 as peft's DeepSpeed guide loads them (bnb_4bit_quant_storage)
     ("opt-13b", {**_Z3, "gpus": 4, **_Q, "batch_size": 2}),
     ("mistral-7b-v0.1", {**_Z3, "gpus": 2, **_Q, "targets": "all-linear", "rank": 16}),
