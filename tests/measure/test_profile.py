@@ -102,15 +102,17 @@ def test_lora_fp32_run_writes_a_valid_record_with_per_phase_peaks(configs, tmp_p
 
 def test_tensor_peak_equals_an_independent_tracker_measurement(configs):
     """The profiler's instrumentation (phase windows, collectors, HF loading path) does not change what the
-    tracker sees: a bare loop over memplan.measure.build's model under a plain MemoryTracker gives the same bytes."""
+    tracker sees: a bare loop over memplan.measure.build's model under a plain MemoryTracker gives the same bytes.
+    Autocast is pinned, and the loop runs the setup the record says ran: on a CPU without native bf16 the profiler
+    picks fp32 weights itself (memplan.measure.profile), which the loop must follow."""
     from memplan.measure.tracker import MemoryTracker
 
-    setup = _setup(configs["tiny-llama"], bits=32, lora_dropout=0.1)
+    setup = _setup(configs["tiny-llama"], bits=32, lora_dropout=0.1, autocast="bf16")
     rec = profile_run(setup, steps=2)
     assert rec.outcome == "ok"
 
     spec = load_model(setup.model)
-    resolved = resolve_setup(setup, spec)
+    resolved = resolve_setup(TrainSetup(**rec.setup), spec)
     model, _ = build.build_training_model(spec, resolved, fake=False)
     trk = MemoryTracker(round_to=1, vocab_size=spec.vocab_size)
     for p in model.parameters():
@@ -150,7 +152,8 @@ def test_tensor_peak_equals_the_cpu_simulation(configs):
     trace = pytest.importorskip("memplan.measure.simulate")
     setup = _setup(configs["tiny-opt"], bits=32)
     rec = profile_run(setup, steps=2)
-    sim = trace.simulate(resolve_setup(setup, load_model(setup.model)), steps=2, device_semantics="cpu")
+    # (what the record ran: on a CPU without native bf16 the profiler chooses fp32 without autocast itself)
+    sim = trace.simulate(TrainSetup(**rec.setup), steps=2, device_semantics="cpu")
     assert rec.peak["tensor_peak_bytes"] == sim.total_bytes
 
 
