@@ -26,6 +26,7 @@ from torch import nn
 
 from memplan.catalog.models.layouts import expert_module_names
 from memplan.plan.weights import DQ_BLOCK, DQ_CODE_VALUES, NF4_BLOCK, NF4_CODE_VALUES, load_dtype
+from memplan.plan.zero_memory import four_bit_storage
 
 from .dtypes import torch_dtype
 
@@ -45,12 +46,9 @@ def _quantized_names(spec) -> set[str]:
 
 
 def quant_storage(setup):
-    """The dtype 4-bit weights are packed in: uint8 (bitsandbytes' default), or the model's 16-bit dtype under ZeRO-3,
-    as peft's DeepSpeed guide sets ``bnb_4bit_quant_storage`` so that DeepSpeed partitions them as it does every
-    other parameter (same bytes, half the elements)."""
-    if setup.strategy == "zero3" and setup.dtype in ("bf16", "fp16"):
-        return torch_dtype(setup.dtype)
-    return torch.uint8
+    """The torch dtype 4-bit weights are packed in (memplan.plan.zero_memory ``four_bit_storage`` owns the rule)."""
+    name = four_bit_storage(setup)
+    return torch.uint8 if name == "uint8" else torch_dtype(name)
 
 
 def replace_with_bnb(model, spec, setup, info) -> None:

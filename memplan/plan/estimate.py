@@ -35,7 +35,6 @@ from .loss import loss_bytes, loss_notes
 from .offload import offload_phases
 from .optimizers import resolve_optimizer
 from .rank_memory import rank_phases
-from .zero_memory import zero3_keeps_4bit_weights
 from .precision import autocast_bytes, autocast_weight_copies
 from .runtime import ALLOCATOR_OVERHEAD_FRACTION, CUBLAS_WORKSPACE_BYTES, cuda_context_bytes
 from .seq_shapes import sequence_shape, step_setup
@@ -46,6 +45,7 @@ from .stack_effects import (experts_note, int8_input_copies_per_token, layout_fo
 from .stack_effects import logits_bytes as stack_logits_bytes
 from .trainable import BNB_MIN_8BIT_SIZE, BNB_MIN_PAGED_SIZE, gradients_held, trainable
 from .weights import kbit_weights_note, load_dtype, static_terms
+from .zero_memory import zero3_keeps_4bit_weights
 
 if TYPE_CHECKING:
     from memplan.catalog.gpus import GPUSpec

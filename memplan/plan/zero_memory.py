@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING
 from memplan.units import ceil_div, round_up
 
 from .distributed import world_size
-from .offload import reentrant_checkpointing
 from .dtypes import DTYPE_BYTES
+from .offload import reentrant_checkpointing
 from .runtime import CUDA_BLOCK_BYTES
 from .shard_units import fsdp_units
 from .weights import float_weight_bytes
@@ -40,8 +40,8 @@ if TYPE_CHECKING:
 
     from .setup import TrainSetup
 
-__all__ = ["zero_phases", "zero3_keeps_4bit_weights", "reduce_bucket_values", "prefetch_bucket_values",
-           "persistence_threshold"]
+__all__ = ["zero_phases", "zero3_keeps_4bit_weights", "four_bit_storage", "reduce_bucket_values",
+           "prefetch_bucket_values", "persistence_threshold"]
 
 
 def reduce_bucket_values(spec: ModelSpec) -> int:
@@ -75,14 +75,22 @@ def zero3_keeps_4bit_weights(setup: TrainSetup) -> bool:
     return setup.strategy == "zero3" and setup.bits == 4 and not (setup.grad_ckpt and reentrant_checkpointing(setup))
 
 
+def four_bit_storage(setup: TrainSetup) -> str:
+    """The dtype 4-bit weights are packed in (bitsandbytes' ``quant_storage``): ``uint8``, its default, or the
+    model's 16-bit dtype under ZeRO-3, as peft's DeepSpeed guide sets ``bnb_4bit_quant_storage`` so that DeepSpeed
+    partitions them like every other parameter (same bytes, half the elements; memplan.measure.quantize builds
+    them so)."""
+    return setup.dtype if setup.strategy == "zero3" and setup.dtype in ("bf16", "fp16") else "uint8"
+
+
 def _tensors(spec: ModelSpec, setup: TrainSetup, hb: int) -> tuple[list, list]:
     """Every parameter tensor of the layer and of the root as (values, bytes in the engine's dtype, component,
     trainable): the engine casts every float parameter to its dtype; packed 4-bit weights keep their bytes, in
-    elements of their ``quant_storage`` (the 16-bit dtype under ZeRO-3, as peft's DeepSpeed guide loads them:
-    memplan.measure.quantize ``quant_storage``), which is what DeepSpeed counts."""
+    elements of their storage dtype (``four_bit_storage``), which is what DeepSpeed counts."""
     u = fsdp_units(spec, setup)
     fb, ab = float_weight_bytes(setup), DTYPE_BYTES[setup.adapter_dtype]
-    packed = hb if setup.strategy == "zero3" and hb == 2 else 1  # (bytes per storage element)
+    storage = four_bit_storage(setup)
+    packed = DTYPE_BYTES[storage] if storage != "uint8" else 1  # (bytes per storage element)
 
     def conv(items):
         out = []
@@ -129,6 +137,7 @@ def zero_phases(spec: ModelSpec, setup: TrainSetup, base: dict, phases: dict, *,
         master_state = blk(part * 4) + blk(part * 4) * round(state_per_value / 4)
         grads_bwd = p_values * hb if stage == 1 else part * hb  # ZeRO-1 keeps the autograd gradients
         comm_bwd = blk(R * hb) + blk(min(p_values, R + biggest) * hb)  # the bucket and its flattened copy
+        comm_in_bwd = dict.fromkeys(("backward_start", "backward", "backward_end"), comm_bwd)
         step_grads = part * hb + (part * 4 if hb != 4 else 0)
         comm_fwd = 0  # (outside backward, only the offload's staging buffer)
         if setup.offload == "optimizer":
@@ -162,8 +171,8 @@ def zero_phases(spec: ModelSpec, setup: TrainSetup, base: dict, phases: dict, *,
         # submodules per large weight (norms, dropouts, peft's wrappers), so the prefetch outruns the layers and
         # max_live_parameters values are gathered from the first layers through backward (Llama-2-7B, ZeRO-3:
         # 1.03e9 at the end of forward, memplan simulate), or the whole model when it is smaller.
-        gathered = sum(blk(b) * L for v, b, _, _ in layer if v > threshold) + \
-            sum(blk(b) for v, b, _, _ in root if v > threshold)
+        big_root = sum(blk(b) for v, b, c, _ in root if v > threshold)
+        gathered = L * sum(blk(b) for v, b, _, _ in layer if v > threshold) + big_root
         gathered_values = sum(v * L for v, _, _, _ in layer if v > threshold) + \
             sum(v for v, _, _, _ in root if v > threshold)
         in_flight = gathered if gathered_values <= MAX_LIVE_VALUES else blk(MAX_LIVE_VALUES * hb)
@@ -173,14 +182,13 @@ def zero_phases(spec: ModelSpec, setup: TrainSetup, base: dict, phases: dict, *,
         # never gathered twice.
         retained = 0 if gathered_values <= MAX_LIVE_VALUES or not zero3_keeps_4bit_weights(setup) else \
             L * sum(blk(b) for v, b, c, _ in layer if c == "quantized_weights" and v > threshold)
-        big_root = sum(blk(b) for v, b, c, _ in root if v > threshold)
         head = big_root if spec.tie_word_embeddings else big_root // 2  # the lm_head (the embedding's twin)
         at_turn = max(in_flight, retained + head) if retained else in_flight  # (forward end, start of backward)
         rs_copy = blk(min(p_part * n, R) * hb)  # reduce-scatter's interleaved copy of the bucket
         comm_fwd = bucket + at_turn
-        comm_start = bucket + at_turn + rs_copy
-        comm_bwd = bucket + in_flight + rs_copy + retained
-        comm_end = comm_bwd - retained
+        comm_in_bwd = {"backward_start": bucket + at_turn + rs_copy,
+                       "backward": bucket + in_flight + rs_copy + retained,
+                       "backward_end": bucket + in_flight + rs_copy}
         # The step runs sub-group by sub-group (sub_group_size values; stage3.py _prepare_fp32_grad_for_sub_group):
         # the sub-group's gradients flattened (a 16-bit copy, gone once cast) and cast to fp32, kept as the master's
         # .grad while the optimizer steps it (its temporaries in fp32 over that sub-group), then released.
@@ -208,6 +216,5 @@ def zero_phases(spec: ModelSpec, setup: TrainSetup, base: dict, phases: dict, *,
             out[p] = (act, logits, grads_bwd if stage == 3 else 0, trans, comm_fwd)
         else:
             out[p] = (act, logits, grads_bwd if (stage == 3 or p == "backward_end" or stage == 1) else
-                      (part * hb if p != "backward_start" else 0), trans,
-                      comm_bwd if stage != 3 or p == "backward" else comm_start if p == "backward_start" else comm_end)
+                      (part * hb if p != "backward_start" else 0), trans, comm_in_bwd[p])
     return rank, out, host
