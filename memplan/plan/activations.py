@@ -103,17 +103,17 @@ def _bnb_layers(spec: ModelSpec, bits: int) -> bool:
     return bits in (4, 8) and any(lin.quantized_by_bnb for lin in spec.layer_linears)
 
 
-# Models whose projections do not call torch.nn.functional.linear: GPT-2's Conv1D (torch.addmm,
-# transformers/pytorch_utils.py) and Falcon's FalconLinear (``input @ self.weight.T``, modeling_falcon.py).
+# Models whose projections do not call torch.nn.functional.linear: GPT-2's Conv1D (torch.addmm, transformers 5.24.0
+# pytorch_utils.py:119) and Falcon's FalconLinear (``input @ self.weight.T``, models/falcon/modeling_falcon.py:62).
 _OWN_MATMUL = ("gpt2", "falcon")
 
 
 def zero3_linear(setup: TrainSetup) -> bool:
     """Whether DeepSpeed ZeRO-3's linear runs the frozen ``nn.Linear`` layers: ZeRO-3 installs its
     ``LinearFunctionForZeroStage3`` as ``torch.nn.functional.linear`` (``zero.Init`` and the engine's own
-    partitioning; ``memory_efficient_linear`` defaults to true: deepspeed/runtime/zero/partition_parameters.py
-    ``_enable_mem_efficient_linear``), and its ``setup_context`` saves input, weight and bias whatever needs a
-    gradient (deepspeed/runtime/zero/linear.py)."""
+    partitioning; ``memory_efficient_linear`` defaults to true: deepspeed 0.19.8
+    runtime/zero/partition_parameters.py:412 ``_enable_mem_efficient_linear``), and its ``setup_context`` saves
+    input, weight and bias whatever needs a gradient (runtime/zero/linear.py:100)."""
     return setup.strategy == "zero3" and setup.method != "full"
 
 

@@ -59,18 +59,21 @@ def persistence_threshold(spec: ModelSpec) -> int:
     return 10 * spec.hidden_size
 
 
-# DeepSpeed's default the Trainer does not fill (runtime/zero/config.py): the prefetcher gathers up to this many
-# values (max_live_parameters); max_reuse_distance (also 1e9) keeps reused ones within the same budget.
+# DeepSpeed's defaults the Trainer does not fill (deepspeed 0.19.8 runtime/zero/config.py:245, 251): the
+# prefetcher gathers up to this many values (max_live_parameters); max_reuse_distance (also 1e9) keeps reused ones
+# within the same budget.
 MAX_LIVE_VALUES = 1_000_000_000
-# ... and ZeRO-3's optimizer steps the partition in sub-groups of at most this many values (sub_group_size).
+# ... and ZeRO-3's optimizer steps the partition in sub-groups of at most this many values (sub_group_size,
+# runtime/zero/config.py:182; stage3.py:2683 _prepare_fp32_grad_for_sub_group).
 SUB_GROUP_VALUES = 1_000_000_000
 
 
 def zero3_keeps_4bit_weights(setup: TrainSetup) -> bool:
     """Whether ZeRO-3 leaves every layer's gathered 4-bit weights on the rank from its forward to its backward:
     bitsandbytes' MatMul4Bit keeps the weight in ctx.tensors (not save_for_backward) whenever its input needs a
-    gradient, and DeepSpeed releases a parameter by dropping its own reference (partition_parameters.py
-    ``free_param``), so the storage lives on (FSDP2 resizes the storage to 0 instead). Not under reentrant
+    gradient (bitsandbytes 0.50.2 autograd/_functions.py:358), and DeepSpeed releases a parameter by dropping its
+    own reference (deepspeed 0.19.8 runtime/zero/partition_parameters.py:314 ``free_param``), so the storage
+    lives on (FSDP2 resizes the storage to 0 instead). Not under reentrant
     checkpointing, whose forward runs without a graph (memplan.plan.offload ``reentrant_checkpointing``)."""
     return setup.strategy == "zero3" and setup.bits == 4 and not (setup.grad_ckpt and reentrant_checkpointing(setup))
 
